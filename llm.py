@@ -1,0 +1,483 @@
+"""
+The language model of NExT-GPT: LLaMA / Vicuna-7B, with a KV cache, a hand-written LoRA and the sentencepiece tokenizer.
+
+References
+- LLaMA: Touvron et al. 2023, https://arxiv.org/abs/2302.13971 (RMSNorm, SwiGLU, rotary embeddings)
+- Vicuna-7B v0: LLaMA-1 7B + lmsys/vicuna-7b-delta-v0, shipped in Hugging Face format; NExT-GPT's released weights
+  (ChocoWu/nextgpt_7b_tiva_v0) sit on top of it. NExT-GPT-Lagacy/code/model/anyToImageVideoAudio.py
+- transformers/models/llama/modeling_llama.py: the module names below are its state-dict names, so an HF folder loads
+  as it is. HF-format weights were permuted for the `rotate_half` form of RoPE: that is the form used here (meta's
+  complex-number RoPE on HF weights would be silently wrong).
+- LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685; peft's naming is read by `load_lora`.
+"""
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import weights
+
+
+@dataclass
+class LLaMAConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32  # < n_heads: grouped-query attention (LLaMA-2 70B, LLaMA-3); LLaMA-1 has none
+    vocab_size: int = 32000
+    hidden_dim: int = 11008  # the SwiGLU width
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @classmethod
+    def preset(cls, name):
+        presets = {
+            # LLaMA-1 7B, which Vicuna-7B v0 fine-tunes: the LLM of the released NExT-GPT weights
+            "vicuna-7b": cls(),
+            # every part at toy size: tests and the toy world
+            "tiny": cls(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=256, hidden_dim=172, max_seq_len=256),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown LLaMA preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name]
+
+    @classmethod
+    def from_hf(cls, config):
+        """An HF `config.json` (path or dict) -> LLaMAConfig."""
+        c = weights.read_json(config) if isinstance(config, (str, os.PathLike)) else config
+        if c.get("rope_scaling"):
+            raise ValueError(f"rope_scaling {c['rope_scaling']} is not supported: only plain RoPE (LLaMA-1/2, Vicuna)")
+        return cls(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                   n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], vocab_size=c["vocab_size"],
+                   hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+                   rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 2048),
+                   tie_embeddings=c.get("tie_word_embeddings", False))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The network
+
+class RMSNorm(nn.Module):
+    """LlamaRMSNorm: x / rms(x) * w, computed in float32 (as HF does) and cast back."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x):
+    # HF convention: the two halves of each head are the (real, imaginary) pairs, not interleaved neighbours
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_tables(head_dim, max_len, theta, device=None):
+    """cos, sin of shape (max_len, head_dim), float32: position p rotates pair i by p * theta^(-2i/head_dim)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)  # (L, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (L, hd), matching rotate_half's halves
+    return angles.cos(), angles.sin()
+
+
+class Attention(nn.Module):
+    """LlamaAttention with an optional preallocated KV cache."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin  # cos, sin: (T, hd) for positions start_pos .. start_pos + T - 1
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            # write this step's keys and values, then attend over everything written so far
+            k_all, v_all = cache
+            k_all[:B, :, start_pos:start_pos + T] = k
+            v_all[:B, :, start_pos:start_pos + T] = v
+            k, v = k_all[:B, :, :start_pos + T], v_all[:B, :, :start_pos + T]  # (B, nkv, S, hd), S = start_pos + T
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves n_heads / n_kv_heads queries
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        S = k.shape[2]
+        if T == 1:
+            mask, causal = None, False  # one new token sees every cached position
+        elif S == T:
+            mask, causal = None, True  # a fresh prefill: the plain causal triangle
+        else:
+            # a chunk after cached tokens: query i sits at position start_pos + i and sees keys 0 .. start_pos + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            causal = False
+        # softmax(q k^T / sqrt(hd) + mask) v, fused
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """LlamaMLP: SwiGLU, down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """LlamaDecoderLayer: pre-norm attention and MLP, each with a residual."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLaMA(nn.Module):
+    """LlamaForCausalLM. State-dict names are HF's: model.embed_tokens, model.layers.N.*, model.norm, lm_head."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        # nn.ModuleDict named `model` so that the parameter names are exactly the HF checkpoint's
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+            norm=RMSNorm(cfg.dim, cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False  # train.py may switch it on: recompute each block in backward
+        self.init_rope()
+
+    def init_rope(self, device=None):
+        # Non-persistent: not in any checkpoint, so after a meta-device build it is recomputed here.
+        device = device or self.lm_head.weight.device
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta,
+                               device=None if device.type == "meta" else device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx=None, embeds=None, cache=None, start_pos=0, return_hidden=False, last_only=False):
+        """
+        idx (B, T) token ids, or embeds (B, T, D) input embeddings (NExT-GPT splices encoder tokens into them).
+        cache: a KVCache, filled at positions start_pos .. start_pos + T - 1 (prefill: start_pos 0, then one token
+        at a time). Returns logits (B, T, V) (only the last position if last_only), and with return_hidden also the
+        hidden states after the final norm (B, T, D): NExT-GPT's output projectors read those.
+        """
+        if embeds is None:
+            embeds = self.model.embed_tokens(idx)  # (B, T, D)
+        B, T, _ = embeds.shape
+        if start_pos + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} positions is longer than max_seq_len "
+                             f"{self.config.max_seq_len}")
+        cos = self.rope_cos[start_pos:start_pos + T].to(embeds.dtype)  # (T, hd)
+        sin = self.rope_sin[start_pos:start_pos + T].to(embeds.dtype)
+        x = embeds
+        for i, block in enumerate(self.model.layers):
+            layer_cache = cache.layer(i) if cache is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, layer_cache, start_pos)
+        h = self.model.norm(x)  # (B, T, D)
+        logits = self.lm_head(h[:, -1:] if last_only else h)  # (B, T, V)
+        return (logits, h) if return_hidden else logits
+
+    def new_cache(self, batch=1, max_len=None, device=None, dtype=None):
+        w = self.lm_head.weight
+        return KVCache(self.config, batch, max_len or self.config.max_seq_len, device or w.device, dtype or w.dtype)
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None, device=None):
+        """
+        An HF-format folder (config.json + model.safetensors, sharded safetensors with their index, or
+        pytorch_model*.bin) -> LLaMA, strictly: every tensor used, every shape checked. The model is built on the
+        meta device, so no 7B random init happens, and each tensor is read once (cast on the way): no second copy.
+        dtype None means float32 (as transformers does).
+        """
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"LLaMA / Vicuna folder not found: {folder}. NExT-GPT's released weights need Vicuna-7B v0 in HF format "
+                f"(LLaMA-1 7B with lmsys/vicuna-7b-delta-v0 applied; see README.md, 'Weights').")
+        cfg = LLaMAConfig.from_hf(os.path.join(folder, "config.json"))
+        sd = weights.load_folder(folder, stems=("model", "pytorch_model"), dtype=dtype or torch.float32, device=device)
+        sd.pop("model.rotary_emb.inv_freq", None)  # older transformers saved this computed buffer
+        for name in [n for n in sd if n.endswith("self_attn.rotary_emb.inv_freq")]:
+            sd.pop(name)
+        if cfg.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        with torch.device("meta"):
+            model = cls(cfg)
+        weights.place(model, sd, what=f"LLaMA checkpoint {folder}")
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.init_rope(model.lm_head.weight.device)
+        return model.eval()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def stream(self, idx=None, embeds=None, max_new_tokens=128, temperature=0.0, top_p=1.0, stop_ids=(),
+               generator=None, cache=None):
+        """
+        Generate one token at a time (batch 1) with the KV cache. Yields (token_id, hidden) where hidden (D,) is the
+        final-norm hidden state of the position whose logits chose the token. temperature 0 = greedy.
+        Stops after a token in stop_ids (which is yielded) or max_new_tokens.
+        """
+        if embeds is None:
+            embeds = self.model.embed_tokens(idx)
+        if embeds.shape[0] != 1:
+            raise ValueError("stream() generates for one sequence at a time (batch 1)")
+        T = embeds.shape[1]
+        if cache is None:
+            cache = self.new_cache(1, min(self.config.max_seq_len, T + max_new_tokens))
+        logits, h = self(embeds=embeds, cache=cache, start_pos=0, return_hidden=True, last_only=True)  # prefill
+        pos = T
+        for _ in range(max_new_tokens):
+            token = sample(logits[0, -1], temperature, top_p, generator)
+            yield token, h[0, -1]
+            if token in stop_ids or pos >= cache.max_len:
+                return
+            x = self.model.embed_tokens(torch.tensor([[token]], device=embeds.device))  # (1, 1, D)
+            logits, h = self(embeds=x, cache=cache, start_pos=pos, return_hidden=True)
+            pos += 1
+
+    def generate(self, idx=None, embeds=None, max_new_tokens=128, temperature=0.0, top_p=1.0, stop_ids=(),
+                 generator=None):
+        """The stream, collected: a list of new token ids (the stop token included when one was produced)."""
+        return [t for t, _ in self.stream(idx, embeds, max_new_tokens, temperature, top_p, stop_ids, generator)]
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layers, 2, B, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, cfg, batch, max_len, device, dtype):
+        self.max_len = max_len
+        self.kv = torch.zeros(cfg.n_layers, 2, batch, cfg.n_kv_heads, max_len, cfg.head_dim, device=device,
+                              dtype=dtype)
+
+    def layer(self, i):
+        return self.kv[i, 0], self.kv[i, 1]
+
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """logits (V,) -> a token id: argmax at temperature 0, else nucleus sampling over the smallest top-p set."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # drop a token when the tokens before it already hold top_p of the mass (the first one always stays)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+class Tokenizer:
+    """
+    sentencepiece `tokenizer.model` (LLaMA's) plus added tokens given as strings, which get the ids after the
+    sentencepiece vocabulary (NExT-GPT: 38 tokens, ids 32000..32037) and are never split.
+    """
+
+    def __init__(self, model_path, special_tokens=()):
+        import sentencepiece as spm
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"sentencepiece model not found: {model_path} (the LLaMA folder's tokenizer.model)")
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.special = {}  # text -> id
+        self.add_special_tokens(special_tokens)
+
+    def add_special_tokens(self, tokens):
+        for t in tokens:
+            if t not in self.special:
+                self.special[t] = self.sp.get_piece_size() + len(self.special)
+        self.special_by_id = {i: t for t, i in self.special.items()}
+        # longest first, so that a token that is a prefix of another never wins
+        alternatives = sorted(self.special, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
+
+    def __len__(self):
+        return self.sp.get_piece_size() + len(self.special)
+
+    def encode(self, text, bos=True):
+        ids = [self.bos_id] if bos else []
+        # re.split with a group keeps the separators: special tokens land at the odd places
+        chunks = self._split.split(text) if self._split else [text]
+        for k, chunk in enumerate(chunks):
+            if k % 2:
+                ids.append(self.special[chunk])
+                continue
+            # Whitespace next to an added token is dropped, as the slow LlamaTokenizer of transformers 4.29 (which
+            # NExT-GPT was trained with) does for tokens added by add_tokens: "### Human: <Img>" is "### Human:" <Img>.
+            if k > 0:
+                chunk = chunk.lstrip()
+            if k < len(chunks) - 1:
+                chunk = chunk.rstrip()
+            if chunk:
+                ids.extend(self.sp.encode(chunk))
+        return ids
+
+    def decode(self, ids):
+        out, run = [], []
+        for i in list(map(int, ids)) + [None]:  # None flushes the last run
+            if i is None or i in self.special_by_id:
+                if run:
+                    text = self.sp.decode(run)
+                    # sentencepiece drops the word-start space of a run; keep it when the run follows other text
+                    if out and self.sp.id_to_piece(run[0]).startswith("\u2581"):
+                        text = " " + text
+                    out.append(text)
+                run = []
+                if i is not None:
+                    out.append(self.special_by_id[i])
+            else:
+                run.append(i)
+        return "".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA, by hand (no peft at run time)
+
+class LoRALinear(nn.Linear):
+    """
+    A frozen Linear plus a trainable low-rank update: y = x W^T + b + scale * dropout(x) A^T B^T, scale = alpha / r.
+    A starts random and B at zero, so the wrapped model starts out exactly the base model (peft's LoraLayer).
+    The base `weight` / `bias` keep their names, so base checkpoints still load into a wrapped model.
+    """
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.scale = r, alpha / r
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's init for A
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+
+def add_lora(model, r, alpha, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """Wrap every nn.Linear named one of targets. As peft does, every other parameter of the model is frozen: only
+    the LoRA tensors train (NExT-GPT then unfreezes what else it trains, e.g. its projectors)."""
+    model.requires_grad_(False)
+    wrapped = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and type(child) is nn.Linear:
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
+                wrapped += 1
+    if wrapped == 0:
+        raise ValueError(f"add_lora found no nn.Linear named one of {targets}")
+    return model
+
+
+# peft: "<prefix>model.layers.3.self_attn.q_proj.lora_A.default.weight"; ours: "model.layers.3.self_attn.q_proj.lora_A"
+_PEFT_PREFIXES = ("llama_model.", "base_model.model.")
+
+
+def _our_lora_name(name):
+    for p in _PEFT_PREFIXES:
+        if name.startswith(p):
+            name = name[len(p):]
+    return re.sub(r"\.(lora_[AB])(\.default)?(\.weight)?$", r".\1", name)
+
+
+def lora_state_dict(model):
+    """Only the LoRA tensors, in our naming (load_lora reads it back, as well as peft's naming)."""
+    return {n: p for n, p in model.state_dict().items() if re.search(r"\.lora_[AB]$", n)}
+
+
+def load_lora(model, state_dict):
+    """
+    Put LoRA tensors into a model that add_lora wrapped. Reads our naming and peft's (with or without the
+    `llama_model.base_model.model.` / `base_model.model.` prefix, with or without `.default`). Every tensor of the
+    model's LoRA must be given and every given tensor placed, shapes checked; otherwise CheckpointError.
+    """
+    ours = {}
+    for name, t in state_dict.items():
+        if not re.search(r"\.lora_[AB](\.default)?(\.weight)?$", name):
+            raise weights.CheckpointError(f"load_lora: {name} is not a LoRA tensor (lora_A / lora_B)")
+        ours[_our_lora_name(name)] = t
+    expected = lora_state_dict(model)
+    if not expected:
+        raise weights.CheckpointError("load_lora: the model has no LoRA layers; call add_lora(model, r, alpha) first")
+    unplaced = [n for n in ours if n not in expected]
+    missing = [n for n in expected if n not in ours]
+    if unplaced or missing:
+        msg = ["load_lora: the LoRA tensors do not fit the model:"]
+        if unplaced:
+            msg.append(weights._listing("cannot be placed (no such LoRA layer)", unplaced))
+        if missing:
+            msg.append(weights._listing("missing from the state dict", missing))
+        msg.append("  Was add_lora called with the same targets? Is this the right checkpoint?")
+        raise weights.CheckpointError("\n".join(msg))
+    return weights.place(model, ours, what="LoRA state dict", partial=True)
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every LoRA update into its base weight (W += scale B A) and unwrap it into a plain nn.Linear: inference
+    then costs nothing extra. lora_state_dict is empty afterwards."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                delta = (child.lora_B.float() @ child.lora_A.float()) * child.scale  # (out, in)
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                  device="meta")
+                plain.weight = nn.Parameter((child.weight.float() + delta).to(child.weight.dtype), requires_grad=False)
+                if child.bias is not None:
+                    plain.bias = child.bias
+                setattr(module, child_name, plain)
+    return model
+
+
+def count_parameters(model, trainable_only=False):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
