@@ -288,7 +288,8 @@ class KVCache:
 
     def __init__(self, cfg, batch, max_len, device, dtype):
         self.max_len = max_len
-        self.kv = torch.zeros(cfg.n_layers, 2, batch, cfg.n_kv_heads, max_len, cfg.head_dim, device=device,
+        # empty, not zeros: a position is only ever read after it was written
+        self.kv = torch.empty(cfg.n_layers, 2, batch, cfg.n_kv_heads, max_len, cfg.head_dim, device=device,
                               dtype=dtype)
 
     def layer(self, i):

@@ -1,0 +1,152 @@
+"""
+Speed and memory, ours against the reference libraries on the same work, side by side in one run.
+
+    python bench.py                 # every entry
+    python bench.py --only llama    # entries whose name contains "llama"
+
+Same weights, same threads; ours and the reference alternate, each timing is the median of its repeats, and the ratio
+printed is reference time / our time (above 1.0: we are faster). Memory is measured in a fresh subprocess.
+The reference libraries (transformers, diffusers, open_clip) come from requirements-dev.txt.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def side_by_side(name, ours, ref, repeats=5, warmup=1, unit="s"):
+    """Run ours() and ref() alternately; report the median of each and the ratio ref / ours."""
+    for _ in range(warmup):
+        ours(), ref()
+    t_ours, t_ref = [], []
+    for _ in range(repeats):
+        for fn, acc in ((ours, t_ours), (ref, t_ref)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    o, r = statistics.median(t_ours), statistics.median(t_ref)
+    return dict(name=name, ours=o, ref=r, ratio=r / o, unit=unit)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LLaMA (issue 2)
+
+def _llama_pair(seed=0):
+    """A ~100M-parameter LLaMA, random weights, as transformers and as ours (loaded from the same saved folder)."""
+    import transformers
+
+    import llm
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+                                   num_key_value_heads=12, vocab_size=32000, max_position_embeddings=1024)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        ours = llm.LLaMA.from_pretrained(d)
+    return ref, ours
+
+
+@torch.no_grad()
+def bench_llama(repeats=5):
+    ref, ours = _llama_pair()
+    n_params = sum(p.numel() for p in ours.parameters()) / 1e6
+    prompt = torch.randint(3, 32000, (1, 512))
+
+    def ours_prefill():  # what generation does first: fill the cache, logits of the last position only
+        ours(prompt, cache=ours.new_cache(1, 512), last_only=True)
+
+    def ref_prefill():
+        ref(prompt, use_cache=True, logits_to_keep=1)
+
+    short = torch.randint(3, 32000, (1, 16))
+
+    def ours_decode():
+        out = ours.generate(short, max_new_tokens=128)
+        assert len(out) == 128
+
+    def ref_decode():
+        ref.generate(short, max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
+
+    rows = [side_by_side(f"llama {n_params:.0f}M fp32 cpu: prefill 512 tokens", ours_prefill, ref_prefill, repeats),
+            side_by_side(f"llama {n_params:.0f}M fp32 cpu: decode 128 tokens (16-token prompt)", ours_decode,
+                         ref_decode, max(2, repeats // 2))]
+    rows[0]["extra"] = f"{512 / rows[0]['ours']:.0f} vs {512 / rows[0]['ref']:.0f} tokens/s"
+    rows[1]["extra"] = f"{128 / rows[1]['ours']:.1f} vs {128 / rows[1]['ref']:.1f} tokens/s"
+    return rows
+
+
+_MEASURE_LOAD = r"""
+import resource, sys, torch
+def rss():  # resident set now, bytes
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) * 1024
+import llm, transformers
+def load(folder):
+    if sys.argv[2] == "ours":
+        return llm.LLaMA.from_pretrained(folder)
+    return transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+# Warm up on a tiny model first: imports and the code pages of the loading path are paid before the baseline.
+load(sys.argv[3])
+before = rss()
+m = load(sys.argv[1])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # VmHWM: the peak over the process's life
+print(peak - before)
+"""
+
+
+def bench_llama_load_memory():
+    """Peak resident memory of from_pretrained over the process's memory before loading, / the file's size."""
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                                   num_attention_heads=16, vocab_size=32000, max_position_embeddings=1024)
+    with tempfile.TemporaryDirectory() as d:
+        transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+        size = os.path.getsize(os.path.join(d, "model.safetensors"))
+        tiny = os.path.join(d, "tiny")
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
+            max_position_embeddings=1024)).save_pretrained(tiny)
+        here = os.path.dirname(os.path.abspath(__file__))
+        grown = {}
+        for who in ("ours", "transformers"):
+            out = subprocess.run([sys.executable, "-c", _MEASURE_LOAD, d, who, tiny], capture_output=True, text=True,
+                                 cwd=here, env={**os.environ, "PYTHONPATH": here})
+            if out.returncode:
+                raise RuntimeError(out.stderr)
+            grown[who] = int(out.stdout.strip().splitlines()[-1])
+    return [dict(name=f"llama from_pretrained peak memory, {size / 2**30:.2f} GiB safetensors",
+                 ours=grown["ours"] / size, ref=grown["transformers"] / size, ratio=grown["transformers"] / grown["ours"],
+                 unit="x file", extra=f"{grown['ours'] / 2**20:.0f} MiB vs {grown['transformers'] / 2**20:.0f} MiB")]
+
+
+BENCHES = {"llama": bench_llama, "llama-load-memory": bench_llama_load_memory}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help="run the entries whose name contains this")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores, "
+          f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    print(f"{'entry':<70} {'ours':>10} {'reference':>10} {'ratio':>7}")
+    for name, fn in BENCHES.items():
+        if args.only not in name:
+            continue
+        kw = {"repeats": args.repeats} if "repeats" in fn.__code__.co_varnames else {}
+        for row in fn(**kw):
+            print(f"{row['name']:<70} {row['ours']:>9.3f}{row['unit'][0]} {row['ref']:>9.3f}{row['unit'][0]} "
+                  f"{row['ratio']:>6.2f}x  {row.get('extra', '')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

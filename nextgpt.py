@@ -1,0 +1,728 @@
+"""
+NExT-GPT: any-to-any through one LLM. ImageBind features go in as LLM tokens, the LLM answers in text plus signal
+tokens ([IMG0..3], [VID0..23], [AUD0..7]), and output projectors turn the signal tokens' hidden states into the
+conditioning of three frozen latent diffusion decoders.
+
+    inputs --ImageBind--> (B, 1024) or (B, N, 1024) --input projection--> LLM tokens (B, 1 | 8, D)
+    prompt embeddings --LLaMA + LoRA--> reply tokens + final hidden states (D)
+    each run of signal tokens: hidden (N, D) + their embeddings --OutputProjector--> (77, 768) | (77, 1024) | (1, 512)
+        --> Stable Diffusion 1.5 | Zeroscope v2 576w | AudioLDM  --> pixels, frames, waveform
+
+References
+- Wu et al., NExT-GPT: Any-to-Any Multimodal LLM, ICML 2024, https://arxiv.org/abs/2309.05519
+- Released weights (ChocoWu/nextgpt_7b_tiva_v0) = the legacy code: NExT-GPT-Lagacy/code/model/anyToImageVideoAudio.py
+  (prompt, signal tokens, generation), layers.py (TextFcLayer), common/utils.py (training prompts)
+- The paper's concept grouping = the new code: nextgpt/model/multimodal_projector/projector.py (GroupProjector) and
+  group.py (GroupViT: Xu et al. 2022, https://arxiv.org/abs/2202.11094)
+"""
+
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import llm
+import weights
+from encoder import ImageBind, ImageBindConfig
+from llm import LLaMA, LLaMAConfig
+
+MODALITIES = ("image", "video", "audio")
+ENCODER_MODALITY = {"image": "vision", "video": "vision", "audio": "audio"}  # ImageBind sees a video as 2-frame clips
+SIGNAL_PREFIX = {"image": "IMG", "video": "VID", "audio": "AUD"}
+
+
+def added_tokens(n_image=4, n_video=24, n_audio=8):
+    """The 38 tokens NExT-GPT adds, in the official order: ids 32000.. for <Img>, </Img>, [IMG0..3], [VID0..23], [AUD0..7]."""
+    return (["<Img>", "</Img>"] + [f"[IMG{i}]" for i in range(n_image)] + [f"[VID{i}]" for i in range(n_video)]
+            + [f"[AUD{i}]" for i in range(n_audio)])
+
+
+@dataclass
+class NextGPTConfig:
+    llm: LLaMAConfig = field(default_factory=lambda: LLaMAConfig.preset("vicuna-7b"))
+    imagebind: ImageBindConfig = field(default_factory=ImageBindConfig.huge)
+    input_proj: str = "linear"  # "linear": the released weights, one token per input | "group": the paper's concepts
+    signal_tokens: dict = field(default_factory=lambda: {"image": 4, "video": 24, "audio": 8})
+    # what each decoder is conditioned on: (tokens, width)
+    cond_shape: dict = field(default_factory=lambda: {"image": (77, 768), "video": (77, 1024), "audio": (1, 512)})
+    proj_hidden: int = 512  # the output projectors' transformer width
+    proj_layers: int = 4  # encoder and decoder layers each
+    proj_heads: int = 4
+    # concept grouping (GroupViT), the new code's defaults
+    group_dim: int = 512
+    group_depths: tuple = (6, 3, 3)
+    group_tokens: tuple = (64, 8)  # group tokens of the first two stages; the output is group_tokens[-1] concepts
+    group_heads: int = 8
+    # LoRA on the LLM (stage 3), config/stage_3.yaml
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # generation
+    stop_text: str = "###"  # the legacy template ends each turn with it (id 835 in LLaMA's vocabulary)
+    official_inference: bool = False  # True: reproduce the official inference quirks (see NextGPT.generate)
+
+    @property
+    def vocab_size(self):
+        return self.llm.vocab_size + len(self.added_tokens)
+
+    @property
+    def added_tokens(self):
+        s = self.signal_tokens
+        return added_tokens(s["image"], s["video"], s["audio"])
+
+    @classmethod
+    def preset(cls, name):
+        if name == "7b_tiva_v0":  # the released checkpoint: Vicuna-7B v0, legacy linear input, 4/24/8 signal tokens
+            return cls()
+        if name == "tiny":  # every part at toy size: tests, --tiny-random
+            return cls(llm=LLaMAConfig.preset("tiny"), imagebind=ImageBindConfig.tiny(),
+                       cond_shape={"image": (7, 16), "video": (7, 24), "audio": (1, 8)}, proj_hidden=32,
+                       proj_layers=1, proj_heads=2, group_dim=32, group_depths=(1, 1, 1), group_tokens=(8, 4),
+                       group_heads=2, lora_r=4, lora_alpha=8)
+        raise ValueError(f"unknown NExT-GPT preset {name!r}; choose '7b_tiva_v0' or 'tiny'")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        d["llm"] = LLaMAConfig(**d["llm"])
+        d["imagebind"] = ImageBindConfig(**d["imagebind"])
+        for k in ("group_depths", "group_tokens", "lora_targets"):
+            if k in d:
+                d[k] = tuple(d[k])
+        d["cond_shape"] = {k: tuple(v) for k, v in d["cond_shape"].items()}
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output side: TextFcLayer (mode "transformer"), written out with nn.Transformer's parameter names
+
+class MultiheadAttention(nn.Module):
+    """nn.MultiheadAttention's parameters (packed in_proj), computed with SDPA."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x, memory):
+        B, T, C = x.shape
+        wq, wkv = self.in_proj_weight.split([C, 2 * C])
+        bq, bkv = self.in_proj_bias.split([C, 2 * C])
+        q = F.linear(x, wq, bq).view(B, T, self.heads, -1).transpose(1, 2)  # (B, h, T, hs)
+        k, v = F.linear(memory, wkv, bkv).view(B, -1, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, h, T, hs); no mask: the official call passes none
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class TransformerLayer(nn.Module):
+    """nn.TransformerEncoderLayer / DecoderLayer with norm_first=True, ReLU, dropout 0 (the official settings)."""
+
+    def __init__(self, dim, heads, ff, cross):
+        super().__init__()
+        self.self_attn = MultiheadAttention(dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        if cross:  # decoder layer: self-attention, cross-attention to the encoder's output, feed-forward
+            self.multihead_attn = MultiheadAttention(dim, heads)
+            self.norm3 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ff)
+        self.linear2 = nn.Linear(ff, dim)
+
+    def forward(self, x, memory=None):
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h)
+        if memory is not None:
+            x = x + self.multihead_attn(self.norm2(x), memory)
+            ff_norm = self.norm3
+        else:
+            ff_norm = self.norm2
+        return x + self.linear2(F.relu(self.linear1(ff_norm(x))))
+
+
+class OutputProjector(nn.Module):
+    """
+    TextFcLayer(mode="transformer") of the legacy code: signal-token hidden states + their input embeddings -> fc
+    -> nn.Transformer(d_model=hidden, nhead=4, 4 encoder + 4 decoder layers, pre-norm) whose decoder reads learnable
+    queries -> model (Linear) -> the decoder's conditioning. State-dict names are the official ones (fc, tfm, model,
+    query_embs), so gen_text_hidden_fcs*.0.* load as they are.
+    """
+
+    def __init__(self, in_dim, out_dim, num_output_tokens, hidden=512, layers=4, heads=4):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, hidden)
+        self.tfm = nn.Module()
+        self.tfm.encoder = nn.Module()
+        self.tfm.encoder.layers = nn.ModuleList(TransformerLayer(hidden, heads, 4 * hidden, False) for _ in range(layers))
+        self.tfm.encoder.norm = nn.LayerNorm(hidden)
+        self.tfm.decoder = nn.Module()
+        self.tfm.decoder.layers = nn.ModuleList(TransformerLayer(hidden, heads, 4 * hidden, True) for _ in range(layers))
+        self.tfm.decoder.norm = nn.LayerNorm(hidden)
+        self.model = nn.Linear(hidden, out_dim)
+        self.query_embs = nn.Parameter(torch.randn(1, num_output_tokens, hidden))
+
+    def forward(self, hidden, signal_embeds):
+        x = self.fc(hidden + signal_embeds)  # (B, N, hidden): N signal tokens
+        for layer in self.tfm.encoder.layers:
+            x = layer(x)
+        memory = self.tfm.encoder.norm(x)
+        q = self.query_embs.expand(x.shape[0], -1, -1)  # (B, Q, hidden): Q = 77 for the CLIP-conditioned decoders
+        for layer in self.tfm.decoder.layers:
+            q = layer(q, memory)
+        return self.model(self.tfm.decoder.norm(q))  # (B, Q, out_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input side, the paper's way: GroupViT-style grouping of grid features into concept tokens (GroupProjector)
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, out=None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out or dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class MixerMlp(Mlp):
+    """An MLP across tokens instead of channels: maps S1 group tokens to S2."""
+
+    def forward(self, x):  # (B, S1, C) -> (B, S2, C)
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class GroupAttention(nn.Module):
+    """group.Attention: separate q/k/v (cross-attention) or fused qkv (self-attention)."""
+
+    def __init__(self, dim, heads, qkv_bias, fused):
+        super().__init__()
+        self.heads = heads
+        if fused:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        else:
+            self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+            self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+            self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, key=None):
+        B, N, C = x.shape
+        if key is None:
+            q, k, v = self.qkv(x).split(C, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(key), self.v_proj(key)
+        split = lambda t: t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # noqa: E731 (B, h, L, hs)
+        y = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, dim, heads, qkv_bias=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = GroupAttention(dim, heads, qkv_bias, fused=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, 4 * dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossAttnBlock(nn.Module):
+    """group.CrossAttnBlock with post_norm=True (the only form GroupingBlock uses)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.attn = GroupAttention(dim, heads, qkv_bias=True, fused=False)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.norm_post = nn.LayerNorm(dim)
+
+    def forward(self, query, key):
+        x = query + self.attn(query, key)
+        x = x + self.mlp(self.norm2(x))
+        return self.norm_post(x)
+
+
+class AssignAttention(nn.Module):
+    """
+    Hard assignment of every input token to one group: a one-head attention whose softmax runs over the groups
+    (dim -2), made one-hot (Gumbel noise while training, argmax at eval) with a straight-through gradient.
+    """
+
+    def __init__(self, dim, tau=1.0, eps=1.0):
+        super().__init__()
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.tau, self.eps = tau, eps
+        self.scale = dim ** -0.5
+
+    def assign(self, logits):
+        """(B, S, L) logits of L tokens over S groups -> one-hot over S, gradients of the soft version."""
+        if self.training:  # gumbel_softmax(hard=True): sample a group per token
+            gumbels = -torch.empty_like(logits).exponential_().log()
+            logits = (logits + gumbels) / self.tau
+        soft = logits.softmax(dim=-2)
+        hard = torch.zeros_like(soft).scatter_(-2, soft.argmax(dim=-2, keepdim=True), 1.0)
+        return hard - soft.detach() + soft  # value: hard; gradient: soft's (straight-through)
+
+    def forward(self, groups, x):
+        attn = self.assign(self.q_proj(groups) @ self.k_proj(x).transpose(-2, -1) * self.scale)  # (B, S, L)
+        attn = attn / (attn.sum(dim=-1, keepdim=True) + self.eps)  # each group: the mean of its tokens (eps 1)
+        return self.proj(attn @ self.v_proj(x)), attn  # (B, S, C)
+
+
+class GroupingBlock(nn.Module):
+    """group.GroupingBlock: S1 group tokens -> S2 groups, then every token is assigned to one group and merged into it."""
+
+    def __init__(self, dim, heads, num_group_token, num_output_group):
+        super().__init__()
+        self.norm_tokens = nn.LayerNorm(dim)
+        self.mlp_inter = Mlp(num_group_token, dim // 2, num_output_group)  # across tokens, mlp_ratio (0.5, 4)
+        self.norm_post_tokens = nn.LayerNorm(dim)
+        self.norm_x = nn.LayerNorm(dim)
+        self.pre_assign_attn = CrossAttnBlock(dim, heads)
+        self.assign = AssignAttention(dim)
+        self.norm_new_x = nn.LayerNorm(dim)
+        self.mlp_channels = Mlp(dim, 4 * dim, dim)
+
+    def forward(self, x, group_tokens):
+        x = self.norm_x(x)  # (B, L, C)
+        groups = self.mlp_inter(self.norm_tokens(group_tokens).transpose(1, 2)).transpose(1, 2)  # (B, S2, C)
+        groups = self.pre_assign_attn(self.norm_post_tokens(groups), x)
+        new_x, self.last_assignment = self.assign(groups, x)
+        new_x = new_x + groups
+        return new_x + self.mlp_channels(self.norm_new_x(new_x))  # (B, S2, C); `reduction` is Identity here
+
+
+class GroupingLayer(nn.Module):
+    """group.GroupingLayer: transformer blocks over [tokens; group tokens], then (except the last) a GroupingBlock."""
+
+    def __init__(self, dim, depth, heads, num_group_token, num_output_group, prev_group_token):
+        super().__init__()
+        self.num_group_token = num_group_token
+        self.group_token = nn.Parameter(torch.zeros(1, num_group_token, dim)) if num_group_token else None
+        if self.group_token is not None and not prev_group_token:
+            nn.init.trunc_normal_(self.group_token, std=0.02)  # the first stage's groups start random, later ones 0
+        self.blocks = nn.ModuleList(AttnBlock(dim, heads) for _ in range(depth))
+        self.downsample = GroupingBlock(dim, heads, num_group_token, num_output_group) if num_group_token else None
+        # later stages derive their group tokens from the previous stage's (MixerMlp over tokens)
+        self.group_projector = nn.Sequential(nn.LayerNorm(dim), MixerMlp(prev_group_token, dim // 2, num_group_token)) \
+            if num_group_token and prev_group_token else None
+
+    def forward(self, x, prev_group_token=None):
+        if self.group_token is None:
+            for blk in self.blocks:
+                x = blk(x)
+            return x, None
+        g = self.group_token.expand(x.shape[0], -1, -1)
+        if self.group_projector is not None:
+            g = g + self.group_projector(prev_group_token)
+        x = torch.cat([x, g], dim=1)  # (B, L + S, C)
+        for blk in self.blocks:
+            x = blk(x)
+        x, g = x[:, :-self.num_group_token], x[:, -self.num_group_token:]
+        return self.downsample(x, g), g
+
+
+class GroupProjector(nn.Module):
+    """
+    The paper's input projection: ImageBind grid features (B, L, 1024) -> in_fc -> stage 1 (6 blocks, 64 group
+    tokens, grouped into 64) -> stage 2 (3 blocks, 8 tokens, grouped into 8) -> stage 3 (3 blocks) -> LayerNorm ->
+    out_fc -> (B, 8, D): 8 concept tokens per input.
+    """
+
+    def __init__(self, in_dim, out_dim, dim=512, depths=(6, 3, 3), group_tokens=(64, 8), heads=8):
+        super().__init__()
+        self.in_fc = nn.Linear(in_dim, dim)
+        tokens = list(group_tokens) + [0]
+        self.layers = nn.ModuleList(
+            GroupingLayer(dim, depths[i], heads, tokens[i], tokens[i], tokens[i - 1] if i else 0)
+            for i in range(len(depths)))
+        self.norm = nn.LayerNorm(dim)
+        self.out_fc = nn.Linear(dim, out_dim)
+
+    def forward(self, x):
+        x, g = self.in_fc(x), None  # (B, L, dim)
+        for layer in self.layers:
+            x, g = layer(x, g)  # L -> 64 -> 8 tokens
+        return self.out_fc(self.norm(x))  # (B, 8, out_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+class NextGPT(nn.Module):
+    """
+    The trainable part of NExT-GPT (LLM with its new token rows and LoRA, input projection, output projectors) as
+    an nn.Module; the frozen backbones (ImageBind, the decoders) are plain attributes, outside the state dict, so
+    that they are loaded, moved and freed on their own.
+    """
+
+    def __init__(self, config, llm_model=None, tokenizer=None, encoder=None, decoders=None):
+        super().__init__()
+        self.config = c = config
+        self.llm = llm_model if llm_model is not None else LLaMA(c.llm)
+        self.tokenizer = tokenizer
+        if tokenizer is not None and len(tokenizer) != c.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens with its added ones, the model {c.vocab_size}: "
+                             f"is tokenizer.model the LLM's, with NextGPTConfig.added_tokens added?")
+        if self.llm.lm_head.out_features == c.llm.vocab_size:  # a base LLM: add the rows of the 38 new tokens
+            resize_vocab(self.llm, c.vocab_size)
+        D = c.llm.dim
+        if c.input_proj == "linear":
+            self.input_proj = nn.Linear(c.imagebind.out_dim, D)  # `llama_proj`: one token per input
+        elif c.input_proj == "group":
+            self.input_proj = GroupProjector(c.imagebind.out_dim, D, c.group_dim, c.group_depths, c.group_tokens,
+                                             c.group_heads)
+        else:
+            raise ValueError(f"input_proj must be 'linear' or 'group', not {c.input_proj!r}")
+        self.output_proj = nn.ModuleDict({
+            m: OutputProjector(D, c.cond_shape[m][1], c.cond_shape[m][0], c.proj_hidden, c.proj_layers, c.proj_heads)
+            for m in MODALITIES})
+        # The frozen backbones sit in a plain dict, outside the module tree: no state-dict entries, no .to() of
+        # 10 GB by accident. decoders: {"image": decoders.Decoder, or a function that loads one on first use}.
+        self.backbones = {"encoder": encoder, **(decoders or {})}
+        self.offload = False  # True: backbones wait on the CPU and visit the GPU only while they work
+        self._uncond = {}
+
+    @property
+    def encoder(self):
+        return self.backbones["encoder"]
+
+    # -- ids of the added tokens ---------------------------------------------------------------------------------------
+    def token_id(self, text):
+        return self.config.llm.vocab_size + self.config.added_tokens.index(text)
+
+    def signal_ids(self, modality):
+        n = self.config.signal_tokens[modality]
+        return [self.token_id(f"[{SIGNAL_PREFIX[modality]}{i}]") for i in range(n)]
+
+    @property
+    def device(self):
+        return self.llm.lm_head.weight.device
+
+    # -- input side ------------------------------------------------------------------------------------------------------
+    def encode(self, modality, x):
+        """
+        Official ImageBind input tensors -> LLM tokens. x: image (B, 3, 224, 224), video (B, 15, 3, 2, 224, 224),
+        audio (B, 3, 1, 128, 204) (encoder.load_* give one item; stack them). Returns (B, 1 | 8, D).
+        """
+        if self.encoder is None:
+            raise RuntimeError("no ImageBind loaded: pass encoder= or use NextGPT.from_pretrained")
+        if self.offload:
+            self.encoder.to(self.device)
+        p = next(self.encoder.parameters())
+        x = x.to(p.device, p.dtype)
+        with torch.no_grad():  # the encoder is frozen in every stage
+            if self.config.input_proj == "linear":
+                feats = self.encoder.embed(ENCODER_MODALITY[modality], x)[:, None]  # (B, 1, 1024)
+            else:
+                feats = self.encoder.patch_features(ENCODER_MODALITY[modality], x)  # (B, 256 | 228, 1024)
+        if self.offload:
+            self.encoder.to("cpu")
+        return self.project(feats)
+
+    def project(self, feats):
+        """ImageBind features (B, 1, 1024) pooled or (B, N, 1024) patches -> LLM tokens (B, 1 | 8, D)."""
+        w = self.llm.lm_head.weight
+        return self.input_proj(feats.to(w.device, w.dtype))
+
+    def prompt_embeds(self, turns, media=()):
+        """
+        The legacy template (common/utils.py), one turn after another:
+            [BOS] ### Human: <Img> tokens </Img> text\n### Assistant: reply\n###Human: text\n### Assistant:
+        turns: [(user_text, reply or None)]; a last reply of None leaves the prompt open for generation.
+        media: [(modality, LLM tokens (n, D))]. In user_text, `<image>`, `<video>`, `<audio>` mark where an input
+        sits; inputs without a marker go first in the first turn. Every modality is wrapped in <Img> ... </Img>, as
+        the legacy code does. Whitespace next to <Img> / </Img> drops out in tokenizing (llm.Tokenizer).
+        -> (1, T, D)
+        """
+        media = list(media)
+        markers = re.findall(r"<(image|video|audio)>", " ".join(u for u, _ in turns))
+        if len(markers) > len(media):
+            raise ValueError(f"the prompt has {len(markers)} <image>/<video>/<audio> markers but {len(media)} inputs")
+        lead, marked = media[:len(media) - len(markers)], media[len(media) - len(markers):]
+        for want, (got, _) in zip(markers, marked):
+            if want != got:
+                raise ValueError(f"marker <{want}> meets a {got} input: give the marked inputs in marker order")
+        slot = "<Img>\x00</Img>"  # \x00: where an input's tokens go
+        text = ""
+        for k, (user, reply) in enumerate(turns):
+            user = re.sub(r"<(image|video|audio)>", slot, user).strip()
+            inputs = slot * len(lead) + " " if k == 0 and lead else ""
+            text += ("### Human: " if k == 0 else "Human: ") + inputs + user + "\n### Assistant:"
+            text += "" if reply is None else f" {reply}\n###"
+        parts = []
+        for k, chunk in enumerate(text.split("\x00")):
+            if k:
+                parts.append((lead or marked).pop(0)[1])  # the unmarked inputs' slots come first
+            ids = self.tokenizer.encode(chunk, bos=k == 0)
+            parts.append(self.llm.model.embed_tokens(torch.tensor(ids, device=self.device, dtype=torch.long)))
+        dtype = self.llm.lm_head.weight.dtype
+        return torch.cat([p.to(dtype) for p in parts])[None]  # (1, T, D)
+
+    # -- output side -----------------------------------------------------------------------------------------------------
+    def project_signal(self, modality, hidden):
+        """Hidden states of a run of signal tokens (B, N, D) -> the decoder's conditioning (B, Q, W)."""
+        ids = torch.tensor(self.signal_ids(modality), device=hidden.device)
+        signal_embeds = self.llm.model.embed_tokens(ids)[None].expand(hidden.shape[0], -1, -1)  # (B, N, D)
+        return self.output_proj[modality](hidden, signal_embeds)
+
+    def decoder(self, modality):
+        """The decoder of a modality, loaded on first use."""
+        d = self.backbones.get(modality)
+        if d is None:
+            raise RuntimeError(f"no {modality} decoder: pass decoders={{'{modality}': ...}} or use from_pretrained")
+        if not hasattr(d, "generate"):  # a loader: load now, once
+            d = self.backbones[modality] = d()
+        return d
+
+    def uncond(self, modality):
+        """NExT-GPT's unconditional embedding: the decoder's own text encoder on "" (CLAP: normalised)."""
+        if modality not in self._uncond:
+            self._uncond[modality] = self.decoder(modality).embed_text([""]).to(self.device)
+        return self._uncond[modality]
+
+    # -- generation ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reply(self, embeds, max_new_tokens=246, temperature=0.0, top_p=1.0, want=(), generator=None, choose=None):
+        """
+        Stream the LLM's reply to prompt embeddings (1, T, D), with the KV cache. Once a run starts ([IMG0], [VID0]
+        or [AUD0]) its other tokens are forced, so every run is complete (the official code asserts instead: its
+        issue #46). A modality in `want` that the reply has not produced is forced in place of the stop token.
+        Returns (tokens, hs): hs[k + 1] is the final hidden state at the position where token k is the input, hs[k]
+        the one whose logits chose it (hs[0]: the prompt's last position). choose(logits) -> id replaces sampling.
+        """
+        stop_ids = {self.tokenizer.eos_id}
+        stop_piece = self.tokenizer.encode(self.config.stop_text, bos=False)
+        if len(stop_piece) == 1:
+            stop_ids.add(stop_piece[0])
+        starts = {self.signal_ids(m)[0]: m for m in MODALITIES}
+        T = embeds.shape[1]
+        room = sum(self.config.signal_tokens.values()) + 1  # to complete runs and wanted outputs past the budget
+        max_new_tokens = min(max_new_tokens, self.config.llm.max_seq_len - T - room)
+        if max_new_tokens <= 0:
+            raise ValueError(f"the prompt ({T} tokens) leaves no room in the LLM's {self.config.llm.max_seq_len}")
+        cache = self.llm.new_cache(1, T + max_new_tokens + room)
+        logits, h = self.llm(embeds=embeds, cache=cache, return_hidden=True, last_only=True)  # prefill
+        tokens, hs, forced, produced = [], [h[0, -1]], [], set()
+        while True:
+            if forced:
+                token = forced.pop(0)
+            else:
+                token = choose(logits[0, -1]) if choose else llm.sample(logits[0, -1], temperature, top_p, generator)
+                if token in stop_ids or len(tokens) >= max_new_tokens:
+                    missing = [m for m in want if m not in produced]
+                    if not missing:
+                        if token in stop_ids:
+                            tokens.append(token)
+                            hs.append(self._step(token, cache, T + len(tokens) - 1)[1])
+                        return tokens, hs
+                    token = self.signal_ids(missing[0])[0]  # a wanted output the LLM did not give: force its run
+                if token in starts:
+                    produced.add(starts[token])
+                    forced = self.signal_ids(starts[token])[1:]
+            tokens.append(token)
+            logits, h = self._step(token, cache, T + len(tokens) - 1)
+            hs.append(h)
+
+    def _step(self, token, cache, pos):
+        """Feed one token at position pos: -> logits (1, 1, V), its final hidden state (D,)."""
+        x = self.llm.model.embed_tokens(torch.tensor([[token]], device=self.device))
+        logits, h = self.llm(embeds=x, cache=cache, start_pos=pos, return_hidden=True)
+        return logits, h[0, -1]
+
+    def signal_runs(self, tokens):
+        """[(modality, index of its first token)] for each complete run of signal tokens in a reply."""
+        runs = []
+        for m in MODALITIES:
+            ids = self.signal_ids(m)
+            runs += [(m, i) for i in range(len(tokens)) if tokens[i:i + len(ids)] == ids]
+        return sorted(runs, key=lambda r: r[1])
+
+    def reply_text(self, tokens):
+        """The reply as text: signal tokens and the closing stop text stripped."""
+        signal = {i for m in MODALITIES for i in self.signal_ids(m)} | {self.tokenizer.eos_id}
+        text = self.tokenizer.decode([t for t in tokens if t not in signal])
+        text = text.strip()
+        if text.endswith(self.config.stop_text):
+            text = text[:-len(self.config.stop_text)]
+        return re.sub(r"\s+", " ", text).strip()
+
+    @torch.no_grad()
+    def generate(self, prompt, images=(), videos=(), audios=(), history=(), want=(), max_new_tokens=246,
+                 temperature=0.0, top_p=1.0, seed=0, steps=50, guidance=7.5, height=None, width=None, frames=24,
+                 seconds=9.0, official_inference=None, progress=True, choose=None):
+        """
+        Any-to-any: prompt text plus inputs (file paths or official ImageBind tensors) -> dict(text, tokens,
+        image=[(3, H, W)], video=[(F, 3, H, W)], audio=[(samples,)]) with pixels in [0, 1] and 16 kHz audio.
+
+        official_inference (default: the config's) reproduces the official inference code: the projector reads the
+        hidden states one position early (those that chose each signal token, `embeddings[:, gen_idx-1 : ...]`),
+        while training used the hidden states at the signal tokens' own positions, which is our default.
+        """
+        import encoder as enc
+        official = self.config.official_inference if official_inference is None else official_inference
+        loaders = {"image": enc.load_image, "video": enc.load_video, "audio": enc.load_audio}
+        media = []
+        for modality, items in (("image", images), ("video", videos), ("audio", audios)):
+            for item in items:
+                x = loaders[modality](item) if isinstance(item, (str, os.PathLike)) else item
+                media.append((modality, self.encode(modality, x[None])[0]))  # (n, D)
+        embeds = self.prompt_embeds(list(history) + [(prompt, None)], media)
+        tokens, hs = self.reply(embeds, max_new_tokens, temperature, top_p, want,
+                                torch.Generator().manual_seed(seed), choose)
+        out = {"text": self.reply_text(tokens), "tokens": tokens, "image": [], "video": [], "audio": []}
+        hs = torch.stack(hs)  # (len(tokens) + 1, D)
+        for k, (modality, i) in enumerate(self.signal_runs(tokens)):
+            n = self.config.signal_tokens[modality]
+            hidden = hs[i:i + n] if official else hs[i + 1:i + 1 + n]  # (N, D)
+            cond = self.project_signal(modality, hidden[None])  # (1, Q, W)
+            if modality == "audio":
+                cond = cond[:, 0]  # (1, 512): AudioLDM reads one vector
+            g = torch.Generator().manual_seed(seed + k)
+            kw = dict(steps=steps, guidance=guidance, generator=g, progress=progress)
+            if modality == "image":
+                kw.update(height=height or 512, width=width or 512)
+            elif modality == "video":
+                kw.update(frames=frames, height=height or 320, width=width or 576)
+            else:
+                kw.update(seconds=seconds)
+            decoder = self.decoder(modality)
+            if self.offload:
+                decoder.to(self.device)
+            result = decoder.generate(cond, self.uncond(modality), **kw)
+            if self.offload:
+                decoder.to("cpu")
+            out[modality].append(result[0].float().cpu())
+        return out
+
+    # -- weights ---------------------------------------------------------------------------------------------------------
+    def load_delta(self, path_or_state_dict):
+        """
+        The official delta (7b_tiva_v0/pytorch_model.pt): every tensor placed through an explicit rename, every shape
+        checked; an error names any tensor it cannot place and any trainable tensor it leaves empty. LoRA is added
+        first if the model has none. Works on a model built on the meta device.
+        """
+        sd = path_or_state_dict
+        if not isinstance(sd, dict):
+            sd = weights.load_file(sd)
+        if not llm.lora_state_dict(self.llm):
+            llm.add_lora(self.llm, self.config.lora_r, self.config.lora_alpha, self.config.lora_dropout,
+                         self.config.lora_targets)
+        ours, lora = {}, {}
+        unplaced = []
+        for name, t in sd.items():
+            new = _official_name(name)
+            if new is None:
+                unplaced.append(name)
+            elif ".lora_" in new:
+                lora[new] = t
+            else:
+                ours[new] = t
+        if unplaced:
+            raise weights.CheckpointError("load_delta: these tensors have no place in NextGPT:\n" +
+                                          "\n".join("    " + n for n in unplaced[:20]))
+        llm.load_lora(self.llm, {k[len("llm."):]: v for k, v in lora.items()})
+        expected = {n for n in self.state_dict() if not n.startswith("llm.") or
+                    n in ("llm.model.embed_tokens.weight", "llm.lm_head.weight")}
+        missing = sorted(expected - set(ours))
+        if missing:
+            raise weights.CheckpointError("load_delta: the delta lacks these tensors:\n" +
+                                          "\n".join("    " + n for n in missing[:20]))
+        weights.place(self, ours, what="NExT-GPT delta", partial=True)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, ckpt="checkpoints", dtype=None, device=None, decoders=("image", "video", "audio")):
+        """
+        The official files in one folder (README.md, 'Weights'):
+            imagebind_huge.pth, vicuna-7b-v0/, nextgpt_7b_tiva_v0/pytorch_model.pt,
+            stable-diffusion-v1-5/, zeroscope_v2_576w/, audioldm-l-full/
+        Each missing piece is named with where it comes from. Decoders load on first use, one at a time.
+        """
+        import decoders as dec
+        paths = {name: os.path.join(ckpt, rel) for name, (rel, _) in OFFICIAL_FILES.items()}
+        for name, path in paths.items():
+            if name in ("image", "video", "audio") and name not in decoders:
+                continue
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"missing {path}: {OFFICIAL_FILES[name][1]} (see README.md, 'Weights')")
+        config = NextGPTConfig.preset("7b_tiva_v0")
+        lm = LLaMA.from_pretrained(paths["vicuna"], dtype=dtype, device=device)
+        config.llm = lm.config
+        tok = llm.Tokenizer(os.path.join(paths["vicuna"], "tokenizer.model"), config.added_tokens)
+        imagebind = ImageBind.from_pretrained(paths["imagebind"], modalities=("vision", "audio"), dtype=dtype,
+                                              device=device)
+        loaders = {"image": dec.load_image_decoder, "video": dec.load_video_decoder, "audio": dec.load_audio_decoder}
+        lazy = {m: (lambda m=m: loaders[m](paths[m], dtype=dtype, device=device)) for m in decoders}
+        model = cls(config, lm, tok, imagebind, lazy)
+        model.input_proj.to(device=device, dtype=dtype or torch.float32)
+        model.output_proj.to(device=device, dtype=dtype or torch.float32)
+        model.load_delta(paths["delta"])
+        return model.eval()
+
+
+OFFICIAL_FILES = {
+    "imagebind": ("imagebind_huge.pth", "the ImageBind-huge release, https://dl.fbaipublicfiles.com/imagebind/"
+                  "imagebind_huge.pth"),
+    "vicuna": ("vicuna-7b-v0", "LLaMA-1 7B with lmsys/vicuna-7b-delta-v0 applied (FastChat v0.1.10), in HF format"),
+    "delta": ("nextgpt_7b_tiva_v0/pytorch_model.pt", "the NExT-GPT release, huggingface.co/ChocoWu/nextgpt_7b_tiva_v0"),
+    "image": ("stable-diffusion-v1-5", "the diffusers folder of stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    "video": ("zeroscope_v2_576w", "the diffusers folder of cerspense/zeroscope_v2_576w"),
+    "audio": ("audioldm-l-full", "the diffusers folder of cvssp/audioldm-l-full"),
+}
+
+# official delta name -> ours (LoRA names are translated by llm.load_lora)
+_DELTA_PREFIXES = [
+    ("llama_model.base_model.model.model.embed_tokens.", "llm.model.embed_tokens."),
+    ("llama_model.base_model.model.lm_head.", "llm.lm_head."),
+    ("llama_model.base_model.model.model.layers.", "llm.model.layers."),
+    ("llama_proj.", "input_proj."),
+    ("gen_text_hidden_fcs.0.", "output_proj.image."),
+    ("gen_text_hidden_fcs_video.0.", "output_proj.video."),
+    ("gen_text_hidden_fcs_audio.0.", "output_proj.audio."),
+]
+
+
+def _official_name(name):
+    for old, new in _DELTA_PREFIXES:
+        if name.startswith(old):
+            new = new + name[len(old):]
+            if new.startswith("llm.model.layers.") and ".lora_" not in new:
+                return None  # the delta holds only LoRA inside the layers
+            return re.sub(r"\.(lora_[AB])\.(default\.)?weight$", r".\1", new)
+    return None
+
+
+@torch.no_grad()
+def resize_vocab(model, n):
+    """Grow embed_tokens and lm_head to n rows; new rows start at the mean of the old ones (the new code's choice)."""
+    old_emb, old_head = model.model.embed_tokens.weight, model.lm_head.weight
+    V, D = old_emb.shape
+
+    def grown(w):
+        new = torch.empty(n, D, device=w.device, dtype=w.dtype)
+        if not w.is_meta:
+            new[:V] = w
+            new[V:] = w.mean(dim=0, keepdim=True)
+        return nn.Parameter(new, requires_grad=w.requires_grad)
+
+    model.model.embed_tokens.weight = grown(old_emb)
+    model.lm_head.weight = grown(old_head)
+    model.model.embed_tokens.num_embeddings = model.lm_head.out_features = n
+    model.config = replace(model.config, vocab_size=n)  # a copy: NextGPTConfig.llm keeps the base vocabulary

@@ -1,0 +1,187 @@
+"""nextgpt.py: projectors against torch's nn.Transformer layout, the official delta's key set, grouping, prompts, signal tokens."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import llm
+import nextgpt
+import weights
+from nextgpt import NextGPT, NextGPTConfig, OutputProjector
+
+
+class TextFcLayer(nn.Module):
+    """The official TextFcLayer(mode='transformer') layout (NExT-GPT-Lagacy/code/model/layers.py), as a reference."""
+
+    def __init__(self, in_dim, out_dim, num_output_tokens, hidden=512, layers=4, heads=4):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, hidden)
+        self.tfm = nn.Transformer(batch_first=True, norm_first=True, d_model=hidden, num_encoder_layers=layers,
+                                  num_decoder_layers=layers, dim_feedforward=hidden * 4, dropout=0.0, nhead=heads)
+        self.model = nn.Linear(hidden, out_dim)
+        self.query_embs = nn.Parameter(torch.randn(1, num_output_tokens, hidden))
+
+    def forward(self, x, input_embs):
+        x = self.fc(x + input_embs)
+        x = self.tfm(x, self.query_embs.repeat(x.shape[0], 1, 1))
+        return self.model(x)
+
+
+def test_output_projector_equals_official_layout():
+    torch.manual_seed(0)
+    ref = TextFcLayer(48, 24, num_output_tokens=7, hidden=32, layers=2, heads=4).eval()
+    with torch.no_grad():  # random norms and biases, so that any misplaced tensor shows
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours = OutputProjector(48, 24, 7, hidden=32, layers=2, heads=4)
+    ours.load_state_dict(ref.state_dict(), strict=True)  # the same names and shapes
+    h, e = torch.randn(3, 5, 48), torch.randn(3, 5, 48)
+    with torch.no_grad():
+        want, got = ref(h, e), ours(h, e)
+    assert got.shape == (3, 7, 24)
+    assert (got - want).abs().max() <= 1e-5
+
+
+def official_delta_shapes(config):
+    """The key set of ChocoWu/nextgpt_7b_tiva_v0/pytorch_model.pt with its shapes, as meta tensors."""
+    V, D = config.vocab_size, config.llm.dim
+    sd = {"llama_model.base_model.model.model.embed_tokens.weight": (V, D),
+          "llama_model.base_model.model.lm_head.weight": (V, D),
+          "llama_proj.weight": (D, config.imagebind.out_dim), "llama_proj.bias": (D,)}
+    for i in range(config.llm.n_layers):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            name = f"llama_model.base_model.model.model.layers.{i}.self_attn.{proj}"
+            sd[f"{name}.lora_A.default.weight"] = (config.lora_r, D)
+            sd[f"{name}.lora_B.default.weight"] = (D, config.lora_r)
+    for official, m in (("gen_text_hidden_fcs", "image"), ("gen_text_hidden_fcs_video", "video"),
+                        ("gen_text_hidden_fcs_audio", "audio")):
+        with torch.device("meta"):
+            ref = TextFcLayer(D, config.cond_shape[m][1], config.cond_shape[m][0], config.proj_hidden,
+                              config.proj_layers, config.proj_heads)
+        sd.update({f"{official}.0.{k}": tuple(v.shape) for k, v in ref.state_dict().items()})
+    return {k: torch.empty(s, device="meta", dtype=torch.float16) for k, s in sd.items()}
+
+
+def test_official_delta_loads_exactly_on_meta():
+    config = NextGPTConfig.preset("7b_tiva_v0")
+    with torch.device("meta"):
+        model = NextGPT(config)
+    delta = official_delta_shapes(config)
+    assert delta["llama_model.base_model.model.lm_head.weight"].shape == (32038, 4096)
+    model.load_delta(delta)
+    trainable_names = {n for n in model.state_dict() if not n.startswith("llm.") or ".lora_" in n
+                       or n in ("llm.model.embed_tokens.weight", "llm.lm_head.weight")}
+    assert len(trainable_names) == len(delta)  # every official tensor has exactly one place, and back
+    assert model.output_proj["video"].query_embs.shape == (1, 77, 512)
+    assert model.output_proj["audio"].model.weight.shape == (512, 512)
+    assert model.token_id("[VID0]") == 32006 and model.token_id("[AUD7]") == 32037
+
+    extra = dict(delta)
+    extra["gen_text_hidden_fcs.1.fc.weight"] = torch.empty(512, 4096, device="meta")
+    with pytest.raises(weights.CheckpointError, match=r"gen_text_hidden_fcs\.1\.fc\.weight"):
+        model.load_delta(extra)
+    short = dict(delta)
+    short.pop("gen_text_hidden_fcs_audio.0.query_embs")
+    with pytest.raises(weights.CheckpointError, match=r"output_proj\.audio\.query_embs"):
+        model.load_delta(short)
+    wrong = dict(delta)
+    wrong["llama_proj.weight"] = torch.empty(4096, 768, device="meta")
+    with pytest.raises(weights.CheckpointError, match=r"input_proj\.weight: file \(4096, 768\)"):
+        model.load_delta(wrong)
+
+
+def test_grouping_projector():
+    torch.manual_seed(0)
+    proj = nextgpt.GroupProjector(in_dim=24, out_dim=40, dim=32, depths=(1, 1, 1), group_tokens=(64, 8), heads=4)
+    x = torch.randn(2, 256, 24)
+    out = proj(x)
+    assert out.shape == (2, 8, 40)  # 8 concept tokens per input
+    for layer in proj.layers[:2]:
+        a = layer.downsample.last_assignment  # (B, S, L) after the 1 + sum normalisation
+        one_hot = (a > 0).float()
+        assert torch.equal(one_hot.sum(dim=1), torch.ones(2, a.shape[-1]))  # every token in exactly one group
+    # gradients: through the hard assignment (straight-through) into the assignment's queries and keys, and in_fc
+    out.square().mean().backward()
+    assert proj.layers[0].downsample.assign.q_proj.weight.grad.abs().sum() > 0
+    assert proj.in_fc.weight.grad.abs().sum() > 0
+    # eval is deterministic (argmax), training samples Gumbel noise
+    proj.eval()
+    with torch.no_grad():
+        assert torch.equal(proj(x), proj(x))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_sp_model):
+    torch.manual_seed(0)
+    config = NextGPTConfig.preset("tiny")
+    tok = llm.Tokenizer(tiny_sp_model, config.added_tokens)
+    return NextGPT(config, tokenizer=tok).eval()
+
+
+def test_tokenizer_and_model_must_agree(tiny_sp_model):
+    config = NextGPTConfig.preset("tiny")
+    with pytest.raises(ValueError, match="tokenizer has"):
+        NextGPT(config, tokenizer=llm.Tokenizer(tiny_sp_model, config.added_tokens[:-1]))
+
+
+def test_prompt_embeds_splice_inputs_where_they_sit(tiny):
+    D = tiny.config.llm.dim
+    img, aud = torch.randn(1, D), torch.randn(8, D)  # a linear token and 8 concept tokens
+    emb = tiny.prompt_embeds([("what is in <audio> ?", None)], [("image", img), ("audio", aud)])
+    tok, E = tiny.tokenizer, tiny.llm.model.embed_tokens.weight
+    ids_a = tok.encode("### Human: <Img>")
+    ids_b = tok.encode("</Img><Img>", bos=False)
+    ids_c = tok.encode("</Img> ?\n### Assistant:", bos=False)
+    pre = tok.encode("what is in", bos=False)
+    want = torch.cat([E[ids_a], img, E[ids_b[:1]], E[pre], E[ids_b[1:]], aud, E[ids_c]])
+    assert emb.shape == (1, len(want), D)
+    assert torch.equal(emb[0], want)
+    assert ids_a[0] == tok.bos_id and ids_a[-1] == tiny.token_id("<Img>")
+    # multi-turn history: one BOS, the legacy turn separators
+    emb2 = tiny.prompt_embeds([("hi", "hello"), ("draw", None)])
+    ids = tok.encode("### Human: hi\n### Assistant: hello\n###Human: draw\n### Assistant:")
+    assert torch.equal(emb2[0], E[ids])
+    with pytest.raises(ValueError, match="markers"):
+        tiny.prompt_embeds([("<image> and <image>", None)], [("image", img)])
+
+
+def scripted(model, script):
+    """A choose() that plays back token ids (then the stop token)."""
+    stop = model.tokenizer.encode("###", bos=False)[0]
+    it = iter(script)
+    return lambda logits: next(it, stop)
+
+
+def test_signal_runs_complete_partial_and_several(tiny):
+    word = tiny.tokenizer.encode("red", bos=False)
+    img, vid, aud = tiny.signal_ids("image"), tiny.signal_ids("video"), tiny.signal_ids("audio")
+    emb = tiny.prompt_embeds([("draw", None)])
+    # the LLM starts three runs and then would go on with text: the rest of each run is forced (choose() is not
+    # even asked), so an image, a video and an audio run come out whole
+    script = word + img[:1] + word + vid[:1] + word + word + aud[:1]
+    tokens, hs = tiny.reply(emb, max_new_tokens=100, choose=scripted(tiny, script))
+    assert tokens[:len(word) + 4] == word + img
+    runs = tiny.signal_runs(tokens)
+    assert [m for m, _ in runs] == ["image", "video", "audio"]
+    i = runs[1][1]
+    assert tokens[i:i + len(vid)] == vid  # the partial run was completed
+    assert tokens[-1] == tiny.tokenizer.encode("###", bos=False)[0]  # the stop token ends the reply
+    assert len(hs) == len(tokens) + 1
+    assert tiny.reply_text(tokens).split() == ["red"] * 4  # signal tokens and the stop text stripped
+    # hidden states: hs[k + 1] is at token k's own position (a plain forward over the same embeddings agrees)
+    full = torch.cat([emb, tiny.llm.model.embed_tokens(torch.tensor([tokens]))], dim=1)
+    with torch.no_grad():
+        _, h = tiny.llm(embeds=full, return_hidden=True)
+    T = emb.shape[1]
+    assert (torch.stack(hs) - h[0, T - 1:]).abs().max() <= 1e-5
+
+
+def test_want_forces_an_output(tiny):
+    emb = tiny.prompt_embeds([("draw", None)])
+    word = tiny.tokenizer.encode("blue", bos=False)
+    tokens, _ = tiny.reply(emb, max_new_tokens=50, want=("audio",), choose=scripted(tiny, word))
+    assert [m for m, _ in tiny.signal_runs(tokens)] == ["audio"]
+    # the budget runs out before the stop: a wanted run still comes, and runs are never cut
+    tokens, _ = tiny.reply(emb, max_new_tokens=3, want=("video",), choose=lambda logits: word[0])
+    assert [m for m, _ in tiny.signal_runs(tokens)] == ["video"]
+    assert len(tokens) == 3 + len(tiny.signal_ids("video"))
