@@ -80,7 +80,7 @@ class NextGPTConfig:
             return cls()
         if name == "tiny":  # every part at toy size: tests, --tiny-random
             return cls(llm=LLaMAConfig.preset("tiny"), imagebind=ImageBindConfig.tiny(),
-                       cond_shape={"image": (7, 16), "video": (7, 24), "audio": (1, 8)}, proj_hidden=32,
+                       cond_shape={"image": (77, 32), "video": (77, 32), "audio": (1, 16)}, proj_hidden=32,
                        proj_layers=1, proj_heads=2, group_dim=32, group_depths=(1, 1, 1), group_tokens=(8, 4),
                        group_heads=2, lora_r=4, lora_alpha=8)
         raise ValueError(f"unknown NExT-GPT preset {name!r}; choose '7b_tiva_v0' or 'tiny'")
@@ -441,7 +441,7 @@ class NextGPT(nn.Module):
         w = self.llm.lm_head.weight
         return self.input_proj(feats.to(w.device, w.dtype))
 
-    def prompt_embeds(self, turns, media=()):
+    def prompt_embeds(self, turns, media=(), labels=False):
         """
         The legacy template (common/utils.py), one turn after another:
             [BOS] ### Human: <Img> tokens </Img> text\n### Assistant: reply\n###Human: text\n### Assistant:
@@ -449,31 +449,39 @@ class NextGPT(nn.Module):
         media: [(modality, LLM tokens (n, D))]. In user_text, `<image>`, `<video>`, `<audio>` mark where an input
         sits; inputs without a marker go first in the first turn. Every modality is wrapped in <Img> ... </Img>, as
         the legacy code does. Whitespace next to <Img> / </Img> drops out in tokenizing (llm.Tokenizer).
-        -> (1, T, D)
+        -> embeds (1, T, D), and with labels=True the targets (T,) too: reply tokens (and their closing "\n###")
+        as ids, everything else -100, as the official training builds them.
         """
-        media = list(media)
-        markers = re.findall(r"<(image|video|audio)>", " ".join(u for u, _ in turns))
-        if len(markers) > len(media):
-            raise ValueError(f"the prompt has {len(markers)} <image>/<video>/<audio> markers but {len(media)} inputs")
-        lead, marked = media[:len(media) - len(markers)], media[len(media) - len(markers):]
-        for want, (got, _) in zip(markers, marked):
-            if want != got:
-                raise ValueError(f"marker <{want}> meets a {got} input: give the marked inputs in marker order")
+        # each marker takes the next input of its modality; the inputs no marker takes lead the first turn
+        lead, marked = list(media), []
+        for want in re.findall(r"<(image|video|audio)>", " ".join(u for u, _ in turns)):
+            k = next((k for k, (m, _) in enumerate(lead) if m == want), None)
+            if k is None:
+                raise ValueError(f"the prompt has more <{want}> markers than {want} inputs")
+            marked.append(lead.pop(k))
         slot = "<Img>\x00</Img>"  # \x00: where an input's tokens go
-        text = ""
+        segments = []  # (text, is_target): user parts and replies are tokenized apart, as in training
         for k, (user, reply) in enumerate(turns):
             user = re.sub(r"<(image|video|audio)>", slot, user).strip()
             inputs = slot * len(lead) + " " if k == 0 and lead else ""
-            text += ("### Human: " if k == 0 else "Human: ") + inputs + user + "\n### Assistant:"
-            text += "" if reply is None else f" {reply}\n###"
-        parts = []
-        for k, chunk in enumerate(text.split("\x00")):
-            if k:
-                parts.append((lead or marked).pop(0)[1])  # the unmarked inputs' slots come first
-            ids = self.tokenizer.encode(chunk, bos=k == 0)
-            parts.append(self.llm.model.embed_tokens(torch.tensor(ids, device=self.device, dtype=torch.long)))
+            head = ("### Human: " if k == 0 else "Human: ") + inputs + user + "\n### Assistant:"
+            if reply is None:
+                segments.append((head, False))
+            else:
+                segments += [(head + " ", False), (reply + "\n###", True)]
+        parts, targets = [], []
+        for n, (text, is_target) in enumerate(segments):
+            for k, chunk in enumerate(text.split("\x00")):
+                if k:  # an input's tokens: the unmarked inputs' slots come first
+                    tokens = (lead or marked).pop(0)[1]
+                    parts.append(tokens)
+                    targets += [-100] * len(tokens)
+                ids = self.tokenizer.encode(chunk, bos=n == 0 and k == 0)
+                parts.append(self.llm.model.embed_tokens(torch.tensor(ids, device=self.device, dtype=torch.long)))
+                targets += ids if is_target else [-100] * len(ids)
         dtype = self.llm.lm_head.weight.dtype
-        return torch.cat([p.to(dtype) for p in parts])[None]  # (1, T, D)
+        embeds = torch.cat([p.to(dtype) for p in parts])[None]  # (1, T, D)
+        return (embeds, torch.tensor(targets)) if labels else embeds
 
     # -- output side -----------------------------------------------------------------------------------------------------
     def project_signal(self, modality, hidden):
@@ -621,7 +629,8 @@ class NextGPT(nn.Module):
         sd = path_or_state_dict
         if not isinstance(sd, dict):
             sd = weights.load_file(sd)
-        if not llm.lora_state_dict(self.llm):
+        has_lora = any(".lora_" in n for n in sd)
+        if has_lora and not llm.lora_state_dict(self.llm):
             llm.add_lora(self.llm, self.config.lora_r, self.config.lora_alpha, self.config.lora_dropout,
                          self.config.lora_targets)
         ours, lora = {}, {}
@@ -637,9 +646,9 @@ class NextGPT(nn.Module):
         if unplaced:
             raise weights.CheckpointError("load_delta: these tensors have no place in NextGPT:\n" +
                                           "\n".join("    " + n for n in unplaced[:20]))
-        llm.load_lora(self.llm, {k[len("llm."):]: v for k, v in lora.items()})
-        expected = {n for n in self.state_dict() if not n.startswith("llm.") or
-                    n in ("llm.model.embed_tokens.weight", "llm.lm_head.weight")}
+        if has_lora:
+            llm.load_lora(self.llm, {k[len("llm."):]: v for k, v in lora.items()})
+        expected = {n for n in self.trainable_state_dict() if ".lora_" not in n}  # LoRA: checked by load_lora
         missing = sorted(expected - set(ours))
         if missing:
             raise weights.CheckpointError("load_delta: the delta lacks these tensors:\n" +
@@ -647,36 +656,60 @@ class NextGPT(nn.Module):
         weights.place(self, ours, what="NExT-GPT delta", partial=True)
         return self
 
+    def trainable_state_dict(self):
+        """NExT-GPT's own tensors, in our naming (what train.py saves and load_delta reads back): the LLM's
+        embedding and output rows, LoRA if any, the input projection, the output projectors."""
+        return {n: t for n, t in self.state_dict().items() if not n.startswith("llm.") or ".lora_" in n
+                or n in ("llm.model.embed_tokens.weight", "llm.lm_head.weight")}
+
     @classmethod
-    def from_pretrained(cls, ckpt="checkpoints", dtype=None, device=None, decoders=("image", "video", "audio")):
+    def from_pretrained(cls, ckpt="checkpoints", dtype=None, device=None, decoders=MODALITIES, delta=None):
         """
-        The official files in one folder (README.md, 'Weights'):
+        A folder with the official files (README.md, 'Weights'):
             imagebind_huge.pth, vicuna-7b-v0/, nextgpt_7b_tiva_v0/pytorch_model.pt,
             stable-diffusion-v1-5/, zeroscope_v2_576w/, audioldm-l-full/
+        or any folder with a `nextgpt.json` naming its config and files (the toy world, checkpoints of train.py).
+        delta: another delta file to load instead (e.g. a train.py checkpoint over the official backbones).
         Each missing piece is named with where it comes from. Decoders load on first use, one at a time.
         """
         import decoders as dec
-        paths = {name: os.path.join(ckpt, rel) for name, (rel, _) in OFFICIAL_FILES.items()}
+        manifest = os.path.join(ckpt, MANIFEST)
+        if os.path.isfile(manifest):
+            m = weights.read_json(manifest)
+            config = NextGPTConfig.from_dict(m["config"])
+            files = {k: (v, f"named in {manifest}") for k, v in m["files"].items()}
+        else:
+            config, files = NextGPTConfig.preset("7b_tiva_v0"), OFFICIAL_FILES
+        paths = {name: os.path.join(ckpt, rel) for name, (rel, _) in files.items()}
+        if delta is not None:
+            paths["delta"] = delta
         for name, path in paths.items():
-            if name in ("image", "video", "audio") and name not in decoders:
+            if (name in MODALITIES and name not in decoders) or (name == "delta" and path is None):
                 continue
             if not os.path.exists(path):
-                raise FileNotFoundError(f"missing {path}: {OFFICIAL_FILES[name][1]} (see README.md, 'Weights')")
-        config = NextGPTConfig.preset("7b_tiva_v0")
+                raise FileNotFoundError(f"missing {path}: {files[name][1]} (see README.md, 'Weights')")
         lm = LLaMA.from_pretrained(paths["vicuna"], dtype=dtype, device=device)
-        config.llm = lm.config
         tok = llm.Tokenizer(os.path.join(paths["vicuna"], "tokenizer.model"), config.added_tokens)
-        imagebind = ImageBind.from_pretrained(paths["imagebind"], modalities=("vision", "audio"), dtype=dtype,
-                                              device=device)
+        imagebind = ImageBind.from_pretrained(paths["imagebind"], config=config.imagebind,
+                                              modalities=("vision", "audio"), dtype=dtype, device=device)
+        imagebind.requires_grad_(False)
         loaders = {"image": dec.load_image_decoder, "video": dec.load_video_decoder, "audio": dec.load_audio_decoder}
         lazy = {m: (lambda m=m: loaders[m](paths[m], dtype=dtype, device=device)) for m in decoders}
         model = cls(config, lm, tok, imagebind, lazy)
         model.input_proj.to(device=device, dtype=dtype or torch.float32)
         model.output_proj.to(device=device, dtype=dtype or torch.float32)
-        model.load_delta(paths["delta"])
+        if paths.get("delta"):
+            model.load_delta(paths["delta"])
         return model.eval()
 
+    def save_manifest(self, folder, files):
+        """Write nextgpt.json: this model's config and where its files are, relative to folder."""
+        import json
+        with open(os.path.join(folder, MANIFEST), "w") as f:
+            json.dump({"config": self.config.to_dict(), "files": files}, f, indent=1)
 
+
+MANIFEST = "nextgpt.json"
 OFFICIAL_FILES = {
     "imagebind": ("imagebind_huge.pth", "the ImageBind-huge release, https://dl.fbaipublicfiles.com/imagebind/"
                   "imagebind_huge.pth"),
@@ -700,6 +733,8 @@ _DELTA_PREFIXES = [
 
 
 def _official_name(name):
+    if name.startswith(("llm.", "input_proj.", "output_proj.")):
+        return name  # already ours: a checkpoint written by train.py
     for old, new in _DELTA_PREFIXES:
         if name.startswith(old):
             new = new + name[len(old):]
@@ -726,3 +761,84 @@ def resize_vocab(model, n):
     model.lm_head.weight = grown(old_head)
     model.model.embed_tokens.num_embeddings = model.lm_head.out_features = n
     model.config = replace(model.config, vocab_size=n)  # a copy: NextGPTConfig.llm keeps the base vocabulary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A random tiny NExT-GPT: every path at toy size, offline, in seconds (tests, `sample.py --tiny-random`, train smoke)
+
+TINY_CORPUS = """### Human: describe this image
+### Assistant: a red circle on a blue square moving left, two high beeps and a low beep.
+draw show play generate a caption picture video sound audio the of and with what is in it"""
+
+
+def char_vocab(kind):
+    """A vocabulary of single bytes (no merges) in the tokenizer-folder format of CLIP (with </w> ends) or RoBERTa."""
+    from encoder import _bytes_to_unicode
+    chars = list(_bytes_to_unicode().values())
+    if kind == "clip":
+        return chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return ["<s>", "<pad>", "</s>", "<unk>"] + chars
+
+
+def train_sentencepiece(text, vocab_size, prefix):
+    """A LLaMA-style sentencepiece model (no normalisation, spaces kept, digits split) trained on text."""
+    import sentencepiece as spm
+    with open(prefix + ".txt", "w") as f:
+        f.write(text)
+    spm.SentencePieceTrainer.train(
+        input=prefix + ".txt", model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, user_defined_symbols=["###", "\n"], byte_fallback=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False,
+        num_threads=1, minloglevel=2)
+    return prefix + ".model"
+
+
+def tiny_random(seed=0, input_proj="linear"):
+    """NextGPTConfig.preset('tiny') with random weights, tiny ImageBind and tiny decoders (char-level tokenizers)."""
+    import tempfile
+
+    import decoders as dec
+    from encoder import CLIPTokenizer
+    torch.manual_seed(seed)
+    config = NextGPTConfig.preset("tiny")
+    config.input_proj = input_proj
+    with tempfile.TemporaryDirectory() as d:
+        sp_path = train_sentencepiece(TINY_CORPUS * 3, config.llm.vocab_size, os.path.join(d, "tok"))
+        tok = llm.Tokenizer(sp_path, [])
+        pieces = tok.sp.get_piece_size()
+        tok.add_special_tokens(config.added_tokens)
+        config.llm = replace(config.llm, vocab_size=pieces)  # the corpus may give fewer pieces than asked
+    encoder = ImageBind(config.imagebind, modalities=("vision", "audio")).eval().requires_grad_(False)
+    clip_tok = CLIPTokenizer({t: i for i, t in enumerate(char_vocab("clip"))}, [], pad_id=0)
+    roberta_tok = dec.RobertaTokenizer({t: i for i, t in enumerate(char_vocab("roberta"))}, [], max_length=32)
+    W = config.cond_shape["image"][1]
+    ddim = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
+                steps_offset=1, clip_sample=False)
+    unet2d = dec.UNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=2,
+                            cross_attention_dim=W, norm_num_groups=8,
+                            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    unet3d = replace(unet2d, video=True, attention_head_dim=8, use_linear_projection=True,
+                     cross_attention_dim=config.cond_shape["video"][1],
+                     down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+    A = config.cond_shape["audio"][1]
+    unet_audio = replace(unet2d, cross_attention_dim=(16, 32), class_embed_type="simple_projection",
+                         projection_class_embeddings_input_dim=A, class_embeddings_concat=True)
+    vae = dec.VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=16)
+    vae_audio = replace(vae, in_channels=1, out_channels=1)
+    clip = replace(dec.CLIP_TEXT_PRESETS["tiny"], hidden_size=W, max_position_embeddings=77)
+    clap = replace(dec.CLAP_TEXT_PRESETS["tiny"], projection_dim=A, max_position_embeddings=40)
+    decoders = {}
+    for kind, unet_cfg, vae_cfg in (("image", unet2d, vae), ("video", unet3d, vae), ("audio", unet_audio, vae_audio)):
+        unet = (dec.UNet3D if unet_cfg.video else dec.UNet2D)(unet_cfg)
+        vocoder = dec.HiFiGAN(dec.HIFIGAN_PRESETS["tiny"]) if kind == "audio" else None
+        d = dec.Decoder(kind, None, unet.eval(), dec.VAE(vae_cfg).eval(), dec.DDIM(**ddim), vocoder and vocoder.eval())
+        d._text_encoder = (dec.CLAPTextEncoder(clap) if kind == "audio" else dec.CLIPTextEncoder(clip)).eval()
+        d._tokenizer = roberta_tok if kind == "audio" else clip_tok
+        for m in (d.unet, d.vae, d.vocoder, d._text_encoder):
+            if m is not None:
+                m.requires_grad_(False)
+        decoders[kind] = d
+    model = NextGPT(config, LLaMA(config.llm), tok, encoder, decoders)
+    return model.eval()

@@ -137,11 +137,15 @@ def test_prompt_embeds_splice_inputs_where_they_sit(tiny):
     assert emb.shape == (1, len(want), D)
     assert torch.equal(emb[0], want)
     assert ids_a[0] == tok.bos_id and ids_a[-1] == tiny.token_id("<Img>")
-    # multi-turn history: one BOS, the legacy turn separators
-    emb2 = tiny.prompt_embeds([("hi", "hello"), ("draw", None)])
-    ids = tok.encode("### Human: hi\n### Assistant: hello\n###Human: draw\n### Assistant:")
-    assert torch.equal(emb2[0], E[ids])
-    with pytest.raises(ValueError, match="markers"):
+    # multi-turn history: one BOS, the legacy turn separators; user parts and replies tokenized apart, as the
+    # official training does, and only the replies are targets
+    emb2, labels = tiny.prompt_embeds([("hi", "hello"), ("draw", None)], labels=True)
+    user1 = tok.encode("### Human: hi\n### Assistant: ")
+    reply = tok.encode("hello\n###", bos=False)
+    user2 = tok.encode("Human: draw\n### Assistant:", bos=False)
+    assert torch.equal(emb2[0], E[user1 + reply + user2])
+    assert labels.tolist() == [-100] * len(user1) + reply + [-100] * len(user2)
+    with pytest.raises(ValueError, match="more <image> markers"):
         tiny.prompt_embeds([("<image> and <image>", None)], [("image", img)])
 
 
