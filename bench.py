@@ -126,7 +126,52 @@ def bench_llama_load_memory():
                  unit="x file", extra=f"{grown['ours'] / 2**20:.0f} MiB vs {grown['transformers'] / 2**20:.0f} MiB")]
 
 
-BENCHES = {"llama": bench_llama, "llama-load-memory": bench_llama_load_memory}
+# ----------------------------------------------------------------------------------------------------------------------
+# ImageBind (issue 3)
+
+@torch.no_grad()
+def bench_imagebind(repeats=5, width=512, layers=12, heads=8, batch=8):
+    """
+    The ImageBind vision trunk against open_clip's VisionTransformer with the same weights: ImageBind's vision trunk
+    is an OpenCLIP ViT (ViT-H-14 at full size), so the weights map one to one (the 2-frame Conv3d stem on a still
+    image = a Conv2d with the two frame kernels summed). Image -> pooled embedding before normalisation, fp32.
+    """
+    from functools import partial
+
+    from open_clip.transformer import LayerNorm, VisionTransformer
+
+    import encoder
+    torch.manual_seed(0)
+    cfg = encoder.ImageBindConfig(vision_dim=width, vision_layers=layers, vision_heads=heads)
+    ours = encoder.ImageBind(cfg, modalities=("vision",)).eval()
+    ref = VisionTransformer(image_size=224, patch_size=14, width=width, layers=layers, heads=heads, mlp_ratio=4,
+                            output_dim=cfg.out_dim, norm_layer=partial(LayerNorm, eps=1e-6)).eval()
+    for p in ours.parameters():  # random LayerNorms and biases too, so the agreement check means something
+        p.add_(torch.randn_like(p) * 0.02)
+    pre, trunk, head = (getattr(ours, n).vision for n in ("modality_preprocessors", "modality_trunks", "modality_heads"))
+    w = pre.rgbt_stem.proj[1].weight  # (D, 3, 2, 14, 14)
+    sd = {"conv1.weight": w[:, :, 0] + w[:, :, 1], "class_embedding": pre.cls_token[0, 0],
+          "positional_embedding": pre.pos_embedding_helper.pos_embed[0],
+          "ln_pre.weight": trunk.pre_transformer_layer[0].weight, "ln_pre.bias": trunk.pre_transformer_layer[0].bias,
+          "ln_post.weight": head[0].weight, "ln_post.bias": head[0].bias, "proj": head[2].weight.t()}
+    names = {"ln_1": "norm_1", "ln_2": "norm_2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "attn.out_proj"}
+    for i, blk in enumerate(trunk.blocks):
+        r = f"transformer.resblocks.{i}."
+        sd[r + "attn.in_proj_weight"], sd[r + "attn.in_proj_bias"] = blk.attn.in_proj_weight, blk.attn.in_proj_bias
+        for a, b in names.items():
+            sd[r + a + ".weight"] = blk.get_submodule(b).weight
+            sd[r + a + ".bias"] = blk.get_submodule(b).bias
+    ref.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True)
+    x = torch.randn(batch, 3, 224, 224)
+    run_ours = lambda: head(trunk(pre(x)))  # noqa: E731  (B, out_dim) before the postprocessor
+    err = (run_ours() - ref(x)).abs().max().item()
+    assert err < 1e-3, f"ours and open_clip disagree: max abs diff {err}"
+    return [side_by_side(f"imagebind vision trunk w{width} L{layers} B{batch} 224px vs open_clip ViT", run_ours,
+                         lambda: ref(x), repeats)]
+
+
+BENCHES = {"llama": bench_llama, "llama-load-memory": bench_llama_load_memory, "imagebind": bench_imagebind}
 
 
 def main():

@@ -700,6 +700,7 @@ class NextGPT(nn.Module):
         model.output_proj.to(device=device, dtype=dtype or torch.float32)
         if paths.get("delta"):
             model.load_delta(paths["delta"])
+        model.source = {k: os.path.abspath(p) for k, p in paths.items() if p}  # where each piece came from
         return model.eval()
 
     def save_manifest(self, folder, files):
