@@ -248,6 +248,28 @@ class LLaMA(nn.Module):
         model.init_rope(model.lm_head.weight.device)
         return model.eval()
 
+    def save_pretrained(self, folder, tokenizer_model=None):
+        """Write an HF-format folder (config.json + model.safetensors [+ tokenizer.model]) that from_pretrained and
+        transformers' LlamaForCausalLM both read."""
+        import json
+        import shutil
+
+        from safetensors.torch import save_file
+        os.makedirs(folder, exist_ok=True)
+        c = self.config
+        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.dim,
+              "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+              "vocab_size": c.vocab_size, "intermediate_size": c.hidden_dim, "rms_norm_eps": c.norm_eps,
+              "rope_theta": c.rope_theta, "max_position_embeddings": c.max_seq_len,
+              "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2}
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(hf, f, indent=1)
+        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+              if not (c.tie_embeddings and k == "lm_head.weight")}
+        save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer_model:
+            shutil.copy(tokenizer_model, os.path.join(folder, "tokenizer.model"))
+
     # ------------------------------------------------------------------------------------------------------------------
     # Generation
 

@@ -302,3 +302,14 @@ def test_tokenizer_matches_transformers(sp_model, tmp_path):
     for text in ["a red circle", "the cat sat on the mat.", "Numbers 1 2 3 and 45", "### Human: describe this",
                  "ünïcödé\n### Assistant: a blue  square "]:
         assert tok.encode(text, bos=False) == hf(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_save_pretrained_round_trips_through_transformers(tmp_path, hf_and_ours):
+    ref, ours = hf_and_ours
+    ours.save_pretrained(str(tmp_path))
+    back = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()  # the official reader takes it
+    ids = torch.randint(0, 256, (1, 11))
+    with torch.no_grad():
+        assert (back(ids).logits - ref(ids).logits).abs().max() <= 1e-5
+    again = llm.LLaMA.from_pretrained(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
