@@ -663,13 +663,16 @@ class NextGPT(nn.Module):
                 or n in ("llm.model.embed_tokens.weight", "llm.lm_head.weight")}
 
     @classmethod
-    def from_pretrained(cls, ckpt="checkpoints", dtype=None, device=None, decoders=MODALITIES, delta=None):
+    def from_pretrained(cls, ckpt="checkpoints", dtype=None, device=None, decoders=MODALITIES, delta=None,
+                        offload=False):
         """
         A folder with the official files (README.md, 'Weights'):
             imagebind_huge.pth, vicuna-7b-v0/, nextgpt_7b_tiva_v0/pytorch_model.pt,
             stable-diffusion-v1-5/, zeroscope_v2_576w/, audioldm-l-full/
         or any folder with a `nextgpt.json` naming its config and files (the toy world, checkpoints of train.py).
         delta: another delta file to load instead (e.g. a train.py checkpoint over the official backbones).
+        offload: ImageBind and the decoders wait on the CPU and visit `device` only while they work, so that the LLM
+        and one backbone at a time share the GPU (README.md, 'Memory').
         Each missing piece is named with where it comes from. Decoders load on first use, one at a time.
         """
         import decoders as dec
@@ -690,12 +693,14 @@ class NextGPT(nn.Module):
                 raise FileNotFoundError(f"missing {path}: {files[name][1]} (see README.md, 'Weights')")
         lm = LLaMA.from_pretrained(paths["vicuna"], dtype=dtype, device=device)
         tok = llm.Tokenizer(os.path.join(paths["vicuna"], "tokenizer.model"), config.added_tokens)
+        home = "cpu" if offload else device  # where the backbones live between uses
         imagebind = ImageBind.from_pretrained(paths["imagebind"], config=config.imagebind,
-                                              modalities=("vision", "audio"), dtype=dtype, device=device)
+                                              modalities=("vision", "audio"), dtype=dtype, device=home)
         imagebind.requires_grad_(False)
         loaders = {"image": dec.load_image_decoder, "video": dec.load_video_decoder, "audio": dec.load_audio_decoder}
-        lazy = {m: (lambda m=m: loaders[m](paths[m], dtype=dtype, device=device)) for m in decoders}
+        lazy = {m: (lambda m=m: loaders[m](paths[m], dtype=dtype, device=home)) for m in decoders}
         model = cls(config, lm, tok, imagebind, lazy)
+        model.offload = offload
         model.input_proj.to(device=device, dtype=dtype or torch.float32)
         model.output_proj.to(device=device, dtype=dtype or torch.float32)
         if paths.get("delta"):

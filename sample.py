@@ -76,8 +76,8 @@ def load(args):
     if args.tiny_random:
         return nextgpt.tiny_random(args.seed).to(device), dict(steps=4, frames=4, seconds=0.2, height=32, width=32,
                                                                max_new_tokens=24)
-    model = nextgpt.NextGPT.from_pretrained(args.ckpt, dtype=dtype, device=device)
-    model.offload = device != "cpu"  # the backbones visit the GPU one at a time (README.md, 'Memory')
+    # on a GPU the backbones wait on the CPU and visit the GPU one at a time (README.md, 'Memory')
+    model = nextgpt.NextGPT.from_pretrained(args.ckpt, dtype=dtype, device=device, offload=device != "cpu")
     return model, dict(steps=50, frames=24, seconds=9.0, max_new_tokens=246)
 
 

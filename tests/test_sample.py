@@ -1,0 +1,62 @@
+"""sample.py end to end on random tiny weights: every input modality in, every output modality out, files checked."""
+
+import math
+import wave
+
+import numpy as np
+import pytest
+import soundfile
+from PIL import Image
+
+import sample
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(d / "in.png")
+    frames = [Image.new("RGB", (32, 32), (20, 20, 200 - 40 * i)) for i in range(5)]
+    frames[0].save(d / "in.gif", save_all=True, append_images=frames[1:], duration=200, loop=0)
+    t = np.arange(8000) / 16000
+    with wave.open(str(d / "in.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((0.3 * np.sin(2 * math.pi * 440 * t) * 32767).astype(np.int16).tobytes())
+    return d
+
+
+def test_any_to_any_files(media, tmp_path, capsys):
+    out = tmp_path / "out"
+    sample.main(["--tiny-random", "--prompt", "what is in <image> and <audio>?", "--image", str(media / "in.png"),
+                 "--audio", str(media / "in.wav"), "--video", str(media / "in.gif"), "--want", "image,video,audio",
+                 "--out", str(out), "--steps", "2", "--frames", "3", "--seconds", "0.25"])
+    printed = capsys.readouterr().out
+    reply = (out / "reply.txt").read_text()
+    assert reply.strip() and reply.strip() in printed
+    with Image.open(out / "image_0.png") as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+    with Image.open(out / "video_0.gif") as im:
+        assert im.n_frames == 3 and im.size == (32, 32)
+    assert (out / "video_0.mp4").stat().st_size > 0
+    audio, sr = soundfile.read(out / "audio_0.wav")
+    assert sr == 16000 and audio.shape == (4000,)
+    assert not list(out.glob("*.part"))  # every file written whole
+
+
+def test_bad_input_names_the_problem_and_writes_nothing(media, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--tiny-random", "--prompt", "hi", "--image", str(tmp_path / "nope.png"), "--out", str(out)])
+    assert "nope.png" in str(e.value.code) or e.value.code == 2
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--tiny-random", "--prompt", "hi", "--image", str(tmp_path / "broken.png"), "--out", str(out)])
+    assert "broken.png" in str(e.value.code)
+    with pytest.raises(SystemExit):
+        sample.main(["--tiny-random", "--prompt", "hi", "--want", "smell"])
+    assert not out.exists()
+
+
+def test_missing_checkpoint_says_where_to_get_it(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path), "--prompt", "hi"])
+    assert "imagebind_huge.pth" in str(e.value.code) and "dl.fbaipublicfiles.com" in str(e.value.code)
