@@ -78,6 +78,7 @@ def load(args):
                                                                max_new_tokens=24)
     # on a GPU the backbones wait on the CPU and visit the GPU one at a time (README.md, 'Memory')
     model = nextgpt.NextGPT.from_pretrained(args.ckpt, dtype=dtype, device=device, offload=device != "cpu")
+    nextgpt.llm.merge_lora(model.llm)  # inference only: fold LoRA into the base weights, no extra matmuls
     return model, dict(steps=50, frames=24, seconds=9.0, max_new_tokens=246)
 
 

@@ -200,3 +200,43 @@ def test_torchrun_two_processes_equal_one_on_the_combined_batch(data, tmp_path):
     init = nextgpt.tiny_random(0).trainable_state_dict()
     moved = sum(not torch.equal(a[k], init[k]) for k in a)
     assert moved >= 2  # the run did train
+
+
+def test_prepare_caches_features_and_training_reads_them(data, tmp_path):
+    feats = tmp_path / "features"
+    cfg, _ = train.parse_args(["--stage=2", f"--features_dir={feats}"])
+    model = nextgpt.tiny_random(0)
+    examples, _ = train.read_data(str(data / "audiocap.json"), cfg, model.config)
+    cfg1, _ = train.parse_args(["--stage=1", f"--features_dir={feats}"])
+    examples1, _ = train.read_data(str(data / "cc3m.json"), cfg1, model.config)
+    train.prepare(model, examples + examples1, cfg)
+    assert len(list((feats / "imagebind_linear").glob("*.npy"))) == 4  # one per input image
+    cached = list((feats / "captions_audio").glob("*.npy"))
+    assert len(cached) == 4 and np.load(cached[0]).shape == (1, 16)  # the CLAP width of the tiny decoder
+    # what training reads back equals what the frozen backbones compute
+    ex = examples1[0]
+    live = train.input_features(model, "image", ex.inputs[0][1], train.TrainConfig())
+    assert torch.allclose(train.input_features(model, "image", ex.inputs[0][1], cfg), live, atol=1e-6)
+    m, caption, media, emb = examples[0].outputs[0]
+    want = model.decoder("audio").embed_text([caption])[0].reshape(1, 16)
+    assert torch.allclose(train.caption_target(model, m, caption, emb, {}), want, atol=1e-3)  # stored as fp16
+
+
+def test_config_file_and_gradient_checkpointing(data, tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"lr": 0.01, "batch_size": 3}))
+    cfg, _ = train.parse_args(["--stage=3", f"--config={tmp_path / 'c.json'}", "--batch_size=2"])
+    assert cfg.lr == 0.01 and cfg.batch_size == 2 and cfg.lora  # preset < file < command line
+    grads = []
+    for ckpt in (False, True):
+        model = nextgpt.tiny_random(0)
+        train.select_trainable(model, cfg)
+        model.train()
+        model.llm.gradient_checkpointing = ckpt
+        for mod in model.llm.modules():  # no dropout, so the two runs see the same function
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        examples, _ = train.read_data(str(data / "t2x.json"), cfg, model.config)
+        parts = train.compute_losses(model, examples[:2], cfg, {})
+        (parts["nll"][0] + parts["align"][0]).backward()
+        grads.append(model.output_proj["image"].fc.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
