@@ -1,5 +1,7 @@
 """nextgpt.py: projectors against torch's nn.Transformer layout, the official delta's key set, grouping, prompts, signal tokens."""
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -189,3 +191,21 @@ def test_want_forces_an_output(tiny):
     tokens, _ = tiny.reply(emb, max_new_tokens=3, want=("video",), choose=lambda logits: word[0])
     assert [m for m, _ in tiny.signal_runs(tokens)] == ["video"]
     assert len(tokens) == 3 + len(tiny.signal_ids("video"))
+
+
+def test_grouping_equals_the_official_group_projector():
+    """tests/fixtures/grouping: the official GroupProjector (nextgpt/model/multimodal_projector/projector.py and
+    group.py, NExT-GPT commit 60d618b) in eval mode, on sin() weights and inputs (see its README)."""
+    from safetensors.torch import load_file
+    from grouping_data import make_input, make_weights
+    fx = load_file(os.path.join(os.path.dirname(__file__), "fixtures", "grouping", "official_group_projector.safetensors"))
+    ours = nextgpt.GroupProjector(in_dim=24, out_dim=40, dim=512, depths=(1, 1, 1), group_tokens=(64, 8), heads=8)
+    ours.load_state_dict(make_weights(ours.state_dict()), strict=True)  # the official names, one to one
+    ours.eval()
+    x = make_input()
+    assert torch.equal(x, fx["input"])
+    with torch.no_grad():
+        out = ours(x)
+    assert (out - fx["output"]).abs().max() <= 1e-4
+    used = (ours.layers[0].downsample.last_assignment[0] > 0).any(dim=-1).sum()
+    assert used > 16  # the tokens spread over many of the 64 groups: the comparison exercises the assignment
