@@ -15,6 +15,7 @@ Only the vision, audio and text branches exist here (NExT-GPT uses no depth, the
 are the checkpoint's key names, so loading is a strict placement through weights.py.
 """
 
+import functools
 import gzip
 import html
 import json
@@ -444,7 +445,7 @@ class ImageBind(nn.Module):
 # CLIP BPE tokenizer (from scratch; open_clip / ImageBind SimpleTokenizer semantics)
 
 
-def _bytes_to_unicode():
+def bytes_to_unicode():
     # every byte gets a printable unicode stand-in, so BPE works on strings without whitespace/control characters
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
@@ -456,35 +457,36 @@ def _bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
-def _char_class(test):
-    """A regex character class of every code point for which test(category) holds, as compact ranges."""
-    ranges, start = [], None
+@functools.lru_cache(maxsize=None)
+def unicode_classes():
+    """
+    Bodies of regex character classes for \\p{L} (letters), \\p{N} (numbers) and \\s (Unicode White_Space) as the
+    `regex` module has them: plain `re` has no \\p{..}, so they are built once from unicodedata's categories (about a
+    second). Divergence left: Python's unicodedata may be an older Unicode version than `regex`'s, so letters added to
+    Unicode since count as "other" here. (re's own \\s would also count \\x1c-\\x1f.)
+    """
+    ranges = {"L": [], "N": []}
+    start = {"L": None, "N": None}
     for i in range(sys.maxunicode + 2):
-        ok = i <= sys.maxunicode and test(unicodedata.category(chr(i)))
-        if ok and start is None:
-            start = i
-        elif not ok and start is not None:
-            ranges.append(re.escape(chr(start)) + ("-" + re.escape(chr(i - 1)) if i - 1 > start else ""))
-            start = None
-    return "".join(ranges)
+        major = unicodedata.category(chr(i))[0] if i <= sys.maxunicode else ""
+        for cls in ("L", "N"):
+            if major == cls and start[cls] is None:
+                start[cls] = i
+            elif major != cls and start[cls] is not None:
+                a, b = start[cls], i - 1
+                ranges[cls].append(re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else ""))
+                start[cls] = None
+    S = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+    return "".join(ranges["L"]), "".join(ranges["N"]), S
 
 
-_PATTERN = None
-
-
+@functools.lru_cache(maxsize=None)
 def _pattern():
     # The official pattern, written for the `regex` module:
     #   <\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+
-    # `re` has no \p{..}: the letter and number classes are built from unicodedata's categories, and \s is
-    # Unicode White_Space as in `regex` (re's \s also counts \x1c-\x1f). Divergence left: Python's unicodedata
-    # may be an older Unicode version than `regex`'s, so letters added to Unicode since count as "other" here.
-    global _PATTERN
-    if _PATTERN is None:
-        L, N = _char_class(lambda c: c[0] == "L"), _char_class(lambda c: c[0] == "N")
-        S = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-        _PATTERN = re.compile(rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{S}{L}{N}]+",
-                              re.IGNORECASE)
-    return _PATTERN
+    L, N, S = unicode_classes()
+    return re.compile(rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{S}{L}{N}]+",
+                      re.IGNORECASE)
 
 
 # the parts of ftfy.fix_text that matter for clean text; mojibake repair (fix_encoding) is not replicated
@@ -529,7 +531,7 @@ class CLIPTokenizer:
         self.encoder = encoder  # token string -> id
         self.decoder = {v: k for k, v in encoder.items()}
         self.bpe_ranks = {tuple(m): i for i, m in enumerate(merges)}
-        self.byte_encoder = _bytes_to_unicode()
+        self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
         self.sot_id, self.eot_id = encoder["<|startoftext|>"], encoder["<|endoftext|>"]
         self.pad_id, self.context_length = pad_id, context_length
@@ -544,7 +546,7 @@ class CLIPTokenizer:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # first line is a header
-        vocab = list(_bytes_to_unicode().values())
+        vocab = list(bytes_to_unicode().values())
         vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
         return cls({t: i for i, t in enumerate(vocab)}, merges, pad_id, clean=clean)
 

@@ -779,8 +779,8 @@ draw show play generate a caption picture video sound audio the of and with what
 
 def char_vocab(kind):
     """A vocabulary of single bytes (no merges) in the tokenizer-folder format of CLIP (with </w> ends) or RoBERTa."""
-    from encoder import _bytes_to_unicode
-    chars = list(_bytes_to_unicode().values())
+    from encoder import bytes_to_unicode
+    chars = list(bytes_to_unicode().values())
     if kind == "clip":
         return chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     return ["<s>", "<pad>", "</s>", "<unk>"] + chars
