@@ -171,7 +171,62 @@ def bench_imagebind(repeats=5, width=512, layers=12, heads=8, batch=8):
                          lambda: ref(x), repeats)]
 
 
-BENCHES = {"llama": bench_llama, "llama-load-memory": bench_llama_load_memory, "imagebind": bench_imagebind}
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoders (issue 4)
+
+@torch.no_grad()
+def bench_unet(repeats=5):
+    """UNet2D forward in the SD 1.5 layout at reduced width: (64, 128, 256, 256), context 77 x 768, 32 x 32, batch 2."""
+    import diffusers
+
+    import decoders
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(sample_size=32, block_out_channels=(64, 128, 256, 256),
+                                         cross_attention_dim=768, norm_num_groups=32).eval()
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        ours = decoders.UNet2D.from_pretrained(d)
+    x, ctx, t = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 768), torch.tensor(500)
+    return [side_by_side("unet2d SD-layout w64 32x32 B2 forward", lambda: ours(x, t, ctx),
+                         lambda: ref(x, t, encoder_hidden_states=ctx), repeats)]
+
+
+@torch.no_grad()
+def bench_image_pipeline(repeats=5, steps=25):
+    """A 25-step tiny image pipeline with guidance: generate_image vs StableDiffusionPipeline(prompt_embeds)."""
+    import diffusers
+
+    import decoders
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=32, block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+        norm_num_groups=16).eval()
+    vae = diffusers.AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    sched = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+                 skip_prk_steps=True, steps_offset=1)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                             scheduler=diffusers.PNDMScheduler(**sched), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with tempfile.TemporaryDirectory() as d:
+        unet.save_pretrained(d + "/unet")
+        vae.save_pretrained(d + "/vae")
+        o_unet, o_vae = decoders.UNet2D.from_pretrained(d + "/unet"), decoders.VAE.from_pretrained(d + "/vae")
+    sampler = decoders.PNDM(**sched)
+    cond, uncond, latents = torch.randn(1, 77, 64), torch.randn(1, 77, 64), torch.randn(1, 4, 32, 32)
+    ours = lambda: decoders.generate_image(o_unet, o_vae, sampler, cond, uncond, steps=steps, height=64,  # noqa
+                                           width=64, latents=latents, progress=False)
+    ref = lambda: pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,  # noqa
+                       height=64, width=64, latents=latents, output_type="pt")
+    return [side_by_side(f"image pipeline, tiny SD, {steps} PNDM steps with guidance", ours, ref, repeats)]
+
+
+BENCHES = {"llama": bench_llama, "llama-load-memory": bench_llama_load_memory, "imagebind": bench_imagebind,
+           "unet": bench_unet, "image-pipeline": bench_image_pipeline}
 
 
 def main():
