@@ -115,11 +115,13 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin  # cos, sin: (T, hd) for positions start_pos .. start_pos + T - 1
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
-            # write this step's keys and values, then attend over everything written so far
+            # write this step's keys and values, then attend over everything written so far (a fresh prefill
+            # attends over its own k, v: the same numbers, without reading them back from the cache)
             k_all, v_all = cache
             k_all[:B, :, start_pos:start_pos + T] = k
             v_all[:B, :, start_pos:start_pos + T] = v
-            k, v = k_all[:B, :, :start_pos + T], v_all[:B, :, :start_pos + T]  # (B, nkv, S, hd), S = start_pos + T
+            if start_pos > 0:
+                k, v = k_all[:B, :, :start_pos + T], v_all[:B, :, :start_pos + T]  # (B, nkv, S, hd), S = start_pos + T
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves n_heads / n_kv_heads queries
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
