@@ -397,6 +397,7 @@ class NextGPT(nn.Module):
         # 10 GB by accident. decoders: {"image": decoders.Decoder, or a function that loads one on first use}.
         self.backbones = {"encoder": encoder, **(decoders or {})}
         self.offload = False  # True: backbones wait on the CPU and visit the GPU only while they work
+        self.sample_defaults = {}  # from_pretrained: the generation settings a checkpoint's nextgpt.json gives
         self._uncond = {}
 
     @property
@@ -681,8 +682,9 @@ class NextGPT(nn.Module):
             m = weights.read_json(manifest)
             config = NextGPTConfig.from_dict(m["config"])
             files = {k: (v, f"named in {manifest}") for k, v in m["files"].items()}
+            sample = m.get("sample", {})  # generation settings the checkpoint was made for (the toy: 32 px, 8 frames)
         else:
-            config, files = NextGPTConfig.preset("7b_tiva_v0"), OFFICIAL_FILES
+            config, files, sample = NextGPTConfig.preset("7b_tiva_v0"), OFFICIAL_FILES, {}
         paths = {name: os.path.join(ckpt, rel) for name, (rel, _) in files.items()}
         if delta is not None:
             paths["delta"] = delta
@@ -706,6 +708,7 @@ class NextGPT(nn.Module):
         if paths.get("delta"):
             model.load_delta(paths["delta"])
         model.source = {k: os.path.abspath(p) for k, p in paths.items() if p}  # where each piece came from
+        model.sample_defaults = sample
         return model.eval()
 
     def save_manifest(self, folder, files):
@@ -786,8 +789,9 @@ def char_vocab(kind):
     return ["<s>", "<pad>", "</s>", "<unk>"] + chars
 
 
-def train_sentencepiece(text, vocab_size, prefix):
-    """A LLaMA-style sentencepiece model (no normalisation, spaces kept, digits split) trained on text."""
+def train_sentencepiece(text, vocab_size, prefix, add_dummy_prefix=True):
+    """A LLaMA-style sentencepiece model (no normalisation, spaces kept, digits split) trained on text.
+    add_dummy_prefix=False: "###" alone is one piece (with the prefix it is ['▁', '###']), as 835 is in LLaMA's."""
     import sentencepiece as spm
     with open(prefix + ".txt", "w") as f:
         f.write(text)
@@ -795,7 +799,7 @@ def train_sentencepiece(text, vocab_size, prefix):
         input=prefix + ".txt", model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
         bos_id=1, eos_id=2, unk_id=0, pad_id=-1, user_defined_symbols=["###", "\n"], byte_fallback=False,
         normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False,
-        num_threads=1, minloglevel=2)
+        add_dummy_prefix=add_dummy_prefix, num_threads=1, minloglevel=2)
     return prefix + ".model"
 
 

@@ -32,7 +32,7 @@ def parse(argv):
     p.add_argument("--out", default="out", help="output folder")
     p.add_argument("--want", default="", help="outputs to force if the reply has none: image,video,audio")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (official: 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (official: 7.5)")
     p.add_argument("--frames", type=int, default=None, help="video frames (official: 24)")
     p.add_argument("--seconds", type=float, default=None, help="audio length in seconds (official: 9)")
     p.add_argument("--height", type=int, default=None)
@@ -74,12 +74,14 @@ def load(args):
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
     if args.tiny_random:
-        return nextgpt.tiny_random(args.seed).to(device), dict(steps=4, frames=4, seconds=0.2, height=32, width=32,
-                                                               max_new_tokens=24)
+        return nextgpt.tiny_random(args.seed).to(device), dict(steps=4, guidance=7.5, frames=4, seconds=0.2,
+                                                               height=32, width=32, max_new_tokens=24)
     # on a GPU the backbones wait on the CPU and visit the GPU one at a time (README.md, 'Memory')
     model = nextgpt.NextGPT.from_pretrained(args.ckpt, dtype=dtype, device=device, offload=device != "cpu")
     nextgpt.llm.merge_lora(model.llm)  # inference only: fold LoRA into the base weights, no extra matmuls
-    return model, dict(steps=50, frames=24, seconds=9.0, max_new_tokens=246)
+    # the official settings, unless the checkpoint's nextgpt.json says what it was made for (the toy: 32 px, 8 frames)
+    return model, dict(dict(steps=50, guidance=7.5, frames=24, seconds=9.0, max_new_tokens=246),
+                       **model.sample_defaults)
 
 
 def run(model, defaults, args, prompt, images=(), audios=(), videos=(), want=(), tag=""):
@@ -87,7 +89,7 @@ def run(model, defaults, args, prompt, images=(), audios=(), videos=(), want=(),
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults.get(name)  # noqa: E731
     out = model.generate(prompt, images=images, audios=audios, videos=videos, want=want,
                          max_new_tokens=pick("max_new_tokens"), temperature=args.temperature, top_p=args.top_p,
-                         seed=args.seed, steps=pick("steps"), guidance=args.guidance, height=pick("height"),
+                         seed=args.seed, steps=pick("steps"), guidance=pick("guidance"), height=pick("height"),
                          width=pick("width"), frames=pick("frames"), seconds=pick("seconds"),
                          official_inference=args.official_inference or None)
     print(f"{tag}{out['text']}")

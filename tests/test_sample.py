@@ -1,6 +1,8 @@
-"""sample.py end to end on random tiny weights: every input modality in, every output modality out, files checked."""
+"""sample.py end to end: on random tiny weights every input modality in and every output modality out, files checked;
+and the built-in showcase on the shipped toy checkpoint."""
 
 import math
+import os
 import wave
 
 import numpy as np
@@ -60,3 +62,24 @@ def test_missing_checkpoint_says_where_to_get_it(tmp_path):
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(tmp_path), "--prompt", "hi"])
     assert "imagebind_huge.pth" in str(e.value.code) and "dl.fbaipublicfiles.com" in str(e.value.code)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(sample.TOY_CKPT, "nextgpt.json")), reason="assets/toy not built")
+def test_default_showcase_on_the_shipped_toy(tmp_path, monkeypatch, capsys):
+    """`python sample.py` with no arguments: the shipped toy checkpoint, at the settings its nextgpt.json gives (32 px,
+    8 frames, 1 s), every modality out; the replies name what the prompts ask for."""
+    import toy
+    monkeypatch.chdir(tmp_path)
+    sample.main([])
+    out = tmp_path / "out"
+    assert (out / "1_reply.txt").read_text().strip() == "a green triangle"  # the bundled example.png
+    assert (out / "2_reply.txt").read_text().strip() == "a red circle"
+    with Image.open(out / "2_image_0.png") as im:
+        assert im.size == (32, 32)
+        assert toy.measure_color(np.asarray(im.convert("RGB"))) == "red"
+    with Image.open(out / "3_video_0.gif") as im:
+        assert im.n_frames == 8 and im.size == (32, 32)
+    wave_, sr = soundfile.read(out / "4_audio_0.wav")
+    assert sr == 16000 and wave_.shape == (16000,)
+    assert toy.measure_pitch(wave_) == "high"
+    assert "showcase done" in capsys.readouterr().out
