@@ -442,11 +442,14 @@ class NextGPT(nn.Module):
         w = self.llm.lm_head.weight
         return self.input_proj(feats.to(w.device, w.dtype))
 
-    def prompt_embeds(self, turns, media=(), labels=False):
+    def prompt_embeds(self, turns, media=(), labels=False, official=False):
         """
         The legacy template (common/utils.py), one turn after another:
             [BOS] ### Human: <Img> tokens </Img> text\n### Assistant: reply\n###Human: text\n### Assistant:
-        turns: [(user_text, reply or None)]; a last reply of None leaves the prompt open for generation.
+        turns: [(user_text, reply or None)]; a last reply of None leaves the prompt open for generation, ending as the
+        training prompts do, "### Assistant: " (the space a token of its own, the reply tokenized apart); official=True
+        ends it at "### Assistant:" as the official inference does, a prompt the LoRA never saw in training (the toy
+        model, trained to its end, answers it with garbage).
         media: [(modality, LLM tokens (n, D))]. In user_text, `<image>`, `<video>`, `<audio>` mark where an input
         sits; inputs without a marker go first in the first turn. Every modality is wrapped in <Img> ... </Img>, as
         the legacy code does. Whitespace next to <Img> / </Img> drops out in tokenizing (llm.Tokenizer).
@@ -467,7 +470,7 @@ class NextGPT(nn.Module):
             inputs = slot * len(lead) + " " if k == 0 and lead else ""
             head = ("### Human: " if k == 0 else "Human: ") + inputs + user + "\n### Assistant:"
             if reply is None:
-                segments.append((head, False))
+                segments.append((head if official else head + " ", False))
             else:
                 segments += [(head + " ", False), (reply + "\n###", True)]
         parts, targets = [], []
@@ -580,9 +583,10 @@ class NextGPT(nn.Module):
         Any-to-any: prompt text plus inputs (file paths or official ImageBind tensors) -> dict(text, tokens,
         image=[(3, H, W)], video=[(F, 3, H, W)], audio=[(samples,)]) with pixels in [0, 1] and 16 kHz audio.
 
-        official_inference (default: the config's) reproduces the official inference code: the projector reads the
-        hidden states one position early (those that chose each signal token, `embeddings[:, gen_idx-1 : ...]`),
-        while training used the hidden states at the signal tokens' own positions, which is our default.
+        official_inference (default: the config's) reproduces the official inference code: the prompt ends at
+        "### Assistant:" without the space training put there, and the projector reads the hidden states one position
+        early (those that chose each signal token, `embeddings[:, gen_idx-1 : ...]`), while training used the hidden
+        states at the signal tokens' own positions. Our default is the training side of both.
         """
         import encoder as enc
         official = self.config.official_inference if official_inference is None else official_inference
@@ -592,7 +596,7 @@ class NextGPT(nn.Module):
             for item in items:
                 x = loaders[modality](item) if isinstance(item, (str, os.PathLike)) else item
                 media.append((modality, self.encode(modality, x[None])[0]))  # (n, D)
-        embeds = self.prompt_embeds(list(history) + [(prompt, None)], media)
+        embeds = self.prompt_embeds(list(history) + [(prompt, None)], media, official=official)
         tokens, hs = self.reply(embeds, max_new_tokens, temperature, top_p, want,
                                 torch.Generator().manual_seed(seed), choose)
         out = {"text": self.reply_text(tokens), "tokens": tokens, "image": [], "video": [], "audio": []}

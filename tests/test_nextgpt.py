@@ -133,7 +133,7 @@ def test_prompt_embeds_splice_inputs_where_they_sit(tiny):
     tok, E = tiny.tokenizer, tiny.llm.model.embed_tokens.weight
     ids_a = tok.encode("### Human: <Img>")
     ids_b = tok.encode("</Img><Img>", bos=False)
-    ids_c = tok.encode("</Img> ?\n### Assistant:", bos=False)
+    ids_c = tok.encode("</Img> ?\n### Assistant: ", bos=False)  # open for the reply, as training prompts end
     pre = tok.encode("what is in", bos=False)
     want = torch.cat([E[ids_a], img, E[ids_b[:1]], E[pre], E[ids_b[1:]], aud, E[ids_c]])
     assert emb.shape == (1, len(want), D)
@@ -144,9 +144,13 @@ def test_prompt_embeds_splice_inputs_where_they_sit(tiny):
     emb2, labels = tiny.prompt_embeds([("hi", "hello"), ("draw", None)], labels=True)
     user1 = tok.encode("### Human: hi\n### Assistant: ")
     reply = tok.encode("hello\n###", bos=False)
-    user2 = tok.encode("Human: draw\n### Assistant:", bos=False)
+    user2 = tok.encode("Human: draw\n### Assistant: ", bos=False)
     assert torch.equal(emb2[0], E[user1 + reply + user2])
     assert labels.tolist() == [-100] * len(user1) + reply + [-100] * len(user2)
+    # the official inference's prompt ends at the colon
+    official = tiny.prompt_embeds([("hi", "hello"), ("draw", None)], official=True)
+    assert torch.equal(official[0], E[user1 + reply + tok.encode("Human: draw\n### Assistant:", bos=False)])
+    assert official.shape[1] < emb2.shape[1]
     with pytest.raises(ValueError, match="more <image> markers"):
         tiny.prompt_embeds([("<image> and <image>", None)], [("image", img)])
 
