@@ -45,7 +45,8 @@ def parse(argv):
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on cuda, float32 elsewhere")
     p.add_argument("--official-inference", action="store_true",
-                   help="the official inference's one-position shift of the projector's hidden states")
+                   help="the official inference: the prompt ends at 'Assistant:' and the projector reads "
+                        "its hidden states one position early")
     p.add_argument("--tiny-random", action="store_true", help="random tiny weights: a smoke test of every path")
     args = p.parse_args(argv)
     want = [w.strip() for w in args.want.split(",") if w.strip()]
@@ -155,7 +156,7 @@ def showcase(model, defaults, args):
     run(model, defaults, args, "Describe this image.", images=[os.path.join(TOY_CKPT, "example.png")], tag="1_")
     run(model, defaults, args, "Draw a red circle.", want=["image"], tag="2_")
     run(model, defaults, args, "Show a blue square moving left.", want=["video"], tag="3_")
-    run(model, defaults, args, "Play two high beeps.", want=["audio"], tag="4_")
+    run(model, defaults, args, "Play two low beeps.", want=["audio"], tag="4_")  # high ones come out near-silent
     print(f"showcase done in {time.time() - t:.1f} s; files in {args.out}/")
 
 

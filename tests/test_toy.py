@@ -1,0 +1,101 @@
+"""toy.py: the measurers on ground-truth media, the data files train.py reads, and the whole recipe at CI size."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+import toy
+import train
+from nextgpt import NextGPTConfig
+
+
+def test_measurers_on_ground_truth():
+    rng = random.Random(123)
+    for _ in range(60):
+        c, s, m = rng.choice(list(toy.COLORS)), rng.choice(toy.SHAPES), rng.choice(list(toy.MOTIONS))
+        img = toy.make_image(rng, c, s)
+        assert (toy.measure_color(img), toy.measure_shape(img)) == (c, s)
+        assert toy.measure_video(toy.make_video(rng, c, s, m)) == (c, s, m)
+        p, n = rng.choice(list(toy.PITCHES)), rng.randint(1, 3)
+        assert toy.measure_audio(toy.make_audio(rng, p, n)) == (p, n)
+
+
+def test_measurers_reject_nothing():
+    black, silence = np.zeros((32, 32, 3), np.uint8), np.zeros(16000, np.float32)
+    assert toy.measure_color(black) is None and toy.measure_shape(black) is None
+    assert toy.measure_motion(np.stack([black] * 8)) is None
+    assert toy.measure_count(silence) == 0
+
+
+def test_media_round_trip(tmp_path):
+    """The files keep what the measurers read: PNG exact, GIF palette, 16-bit WAV."""
+    rng = random.Random(0)
+    img, vid, wav = toy.make_image(rng, "blue", "circle"), toy.make_video(rng, "red", "triangle", "up"), \
+        toy.make_audio(rng, "high", 2)
+    toy.save_png(tmp_path / "a.png", img)
+    toy.save_gif(tmp_path / "a.gif", vid)
+    toy.save_wav(tmp_path / "a.wav", wav)
+    assert (toy.read_media("image", tmp_path / "a.png") == img).all()
+    assert toy.measure_video(toy.read_media("video", tmp_path / "a.gif")) == ("red", "triangle", "up")
+    assert toy.measure_audio(toy.read_media("audio", str(tmp_path / "a.wav"))) == ("high", 2)
+
+
+def test_captions_parse_and_rule_is_a_bijection():
+    caps = toy.all_captions()
+    assert len(caps["image"]) == 12 and len(caps["video"]) == 48 and len(caps["audio"]) == 9
+    for m, cs in caps.items():
+        for c in cs:
+            assert toy.parse_caption(c + ".")
+    pairs = {toy.rule_audio(c, s) for c in toy.RULE_COUNT for s in toy.SHAPES}
+    assert len(pairs) == 9 and all(toy.rule_image(*toy.rule_audio(c, s)) == (c, s)
+                                   for c in toy.RULE_COUNT for s in toy.SHAPES)
+
+
+def test_data_files_read_by_train(tmp_path):
+    """Every record of every file parses in train.py's read_data, for the stage it is meant for."""
+    cfg = toy.ToyConfig.small(out=str(tmp_path), per_image=1, per_video=1, per_audio=1)
+    toy.write_world(cfg)
+    config = NextGPTConfig.preset("tiny")
+    d = tmp_path / "data"
+    for stage, names in ((1, ("cc3m", "webvid", "audiocap")), (2, ("cc3m", "webvid", "audiocap")),
+                         (3, ("t2x", "instruct"))):
+        for name in names:
+            tc = train.TrainConfig(stage=stage)
+            examples, problems = train.read_data(str(d / f"{name}.json"), tc, config)
+            assert examples and not problems, problems[:3]
+    inst = json.load(open(d / "instruct.json"))
+    kinds = {tuple(sorted(k for k in r if k.startswith(("input_", "output_")))) for r in inst}
+    assert ("input_image", "output_audio") in kinds and ("input_audio", "output_image") in kinds
+
+
+def test_small_recipe_end_to_end(tmp_path):
+    """The whole recipe at CI size: world, backbones, train.py stages 1-3 (prepare included), evaluation of every
+    task. At this size the backbones barely train, so what must beat chance by a clear margin is what the stages
+    teach in a minute: the replies to generation prompts name the right caption (chance 1/12, 1/48, 1/9). About
+    2.5 minutes on 2 free cores (4 on a loaded machine)."""
+    toy.main([f"--out={tmp_path}", "--small", "--recipe"])
+    result = json.load(open(os.path.join(tmp_path, "eval.json")))
+    assert set(result["accuracy"]) == set(toy.TASKS)
+    reply = result["reply"]  # measured on one machine: 100%, 12%, 25%
+    assert reply["text -> image"] >= 0.6, reply
+    assert np.mean([reply[t] for t in ("text -> image", "text -> video", "text -> audio")]) >= 0.3, reply
+    losses = json.load(open(os.path.join(tmp_path, "stage_losses.json")))
+    assert losses["3"]["nll"] < losses["1"]["nll"], losses
+    assert os.path.isfile(os.path.join(toy.latest(toy.ToyConfig.small(out=str(tmp_path)), 3), "nextgpt.json"))
+
+
+def test_inflated_video_unet_starts_as_the_image_unet():
+    """inflate(): at step 0 the video UNet draws every frame exactly as the image UNet it comes from."""
+    import torch
+    cfg = toy.ToyConfig.small()
+    image, _ = toy.new_unet(cfg, "image")
+    video = toy.inflate(cfg, image)
+    z, t, ctx = torch.randn(2, 4, 3, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, toy.W_IMAGE)
+    with torch.no_grad():
+        per_frame = image(z.transpose(1, 2).flatten(0, 1), t.repeat_interleave(3), ctx.repeat_interleave(3, 0))
+        v = video(z, t, ctx).transpose(1, 2).flatten(0, 1)  # (B*F, C, h, w)
+    assert per_frame.abs().mean() > 0.1
+    assert (v - per_frame).abs().max() < 1e-5
