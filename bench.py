@@ -6,7 +6,8 @@ Speed and memory, ours against the reference libraries on the same work, side by
 
 Same weights, same threads; ours and the reference alternate, each timing is the median of its repeats, and the ratio
 printed is reference time / our time (above 1.0: we are faster). Memory is measured in a fresh subprocess.
-The reference libraries (transformers, diffusers, open_clip) come from requirements-dev.txt.
+The reference side is built in tests/reference.py with the libraries of requirements-dev.txt (transformers, diffusers,
+open_clip), which the project itself never imports.
 """
 
 import argparse
@@ -18,6 +19,9 @@ import tempfile
 import time
 
 import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "tests"))  # tests/reference.py
 
 
 def side_by_side(name, ours, ref, repeats=5, warmup=1, unit="s"):
@@ -39,13 +43,11 @@ def side_by_side(name, ours, ref, repeats=5, warmup=1, unit="s"):
 
 def _llama_pair(seed=0):
     """A ~100M-parameter LLaMA, random weights, as transformers and as ours (loaded from the same saved folder)."""
-    import transformers
-
     import llm
+    import reference
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-                                   num_key_value_heads=12, vocab_size=32000, max_position_embeddings=1024)
-    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ref = reference.llama(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+                          num_key_value_heads=12, vocab_size=32000, max_position_embeddings=1024)
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         ours = llm.LLaMA.from_pretrained(d)
@@ -81,43 +83,21 @@ def bench_llama(repeats=5):
     return rows
 
 
-_MEASURE_LOAD = r"""
-import resource, sys, torch
-def rss():  # resident set now, bytes
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) * 1024
-import llm, transformers
-def load(folder):
-    if sys.argv[2] == "ours":
-        return llm.LLaMA.from_pretrained(folder)
-    return transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
-# Warm up on a tiny model first: imports and the code pages of the loading path are paid before the baseline.
-load(sys.argv[3])
-before = rss()
-m = load(sys.argv[1])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # VmHWM: the peak over the process's life
-print(peak - before)
-"""
-
-
 def bench_llama_load_memory():
     """Peak resident memory of from_pretrained over the process's memory before loading, / the file's size."""
-    import transformers
+    import reference
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-                                   num_attention_heads=16, vocab_size=32000, max_position_embeddings=1024)
     with tempfile.TemporaryDirectory() as d:
-        transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+        reference.llama(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+                        vocab_size=32000, max_position_embeddings=1024).save_pretrained(d)
         size = os.path.getsize(os.path.join(d, "model.safetensors"))
         tiny = os.path.join(d, "tiny")
-        transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
-            max_position_embeddings=1024)).save_pretrained(tiny)
-        here = os.path.dirname(os.path.abspath(__file__))
+        reference.llama(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                        vocab_size=64, max_position_embeddings=1024).save_pretrained(tiny)
         grown = {}
-        for who in ("ours", "transformers"):
-            out = subprocess.run([sys.executable, "-c", _MEASURE_LOAD, d, who, tiny], capture_output=True, text=True,
-                                 cwd=here, env={**os.environ, "PYTHONPATH": here})
+        for who in ("ours", "transformers"):  # each in a fresh process: tests/reference.py measure_load
+            out = subprocess.run([sys.executable, os.path.join(HERE, "tests", "reference.py"), d, who, tiny],
+                                 capture_output=True, text=True, cwd=HERE, env={**os.environ, "PYTHONPATH": HERE})
             if out.returncode:
                 raise RuntimeError(out.stderr)
             grown[who] = int(out.stdout.strip().splitlines()[-1])
@@ -136,16 +116,13 @@ def bench_imagebind(repeats=5, width=512, layers=12, heads=8, batch=8):
     is an OpenCLIP ViT (ViT-H-14 at full size), so the weights map one to one (the 2-frame Conv3d stem on a still
     image = a Conv2d with the two frame kernels summed). Image -> pooled embedding before normalisation, fp32.
     """
-    from functools import partial
-
-    from open_clip.transformer import LayerNorm, VisionTransformer
-
     import encoder
+    import reference
     torch.manual_seed(0)
     cfg = encoder.ImageBindConfig(vision_dim=width, vision_layers=layers, vision_heads=heads)
     ours = encoder.ImageBind(cfg, modalities=("vision",)).eval()
-    ref = VisionTransformer(image_size=224, patch_size=14, width=width, layers=layers, heads=heads, mlp_ratio=4,
-                            output_dim=cfg.out_dim, norm_layer=partial(LayerNorm, eps=1e-6)).eval()
+    ref = reference.vit(image_size=224, patch_size=14, width=width, layers=layers, heads=heads, mlp_ratio=4,
+                        output_dim=cfg.out_dim)
     for p in ours.parameters():  # random LayerNorms and biases too, so the agreement check means something
         p.add_(torch.randn_like(p) * 0.02)
     pre, trunk, head = (getattr(ours, n).vision for n in ("modality_preprocessors", "modality_trunks", "modality_heads"))
@@ -177,12 +154,11 @@ def bench_imagebind(repeats=5, width=512, layers=12, heads=8, batch=8):
 @torch.no_grad()
 def bench_unet(repeats=5):
     """UNet2D forward in the SD 1.5 layout at reduced width: (64, 128, 256, 256), context 77 x 768, 32 x 32, batch 2."""
-    import diffusers
-
     import decoders
+    import reference
     torch.manual_seed(0)
-    ref = diffusers.UNet2DConditionModel(sample_size=32, block_out_channels=(64, 128, 256, 256),
-                                         cross_attention_dim=768, norm_num_groups=32).eval()
+    ref = reference.unet(sample_size=32, block_out_channels=(64, 128, 256, 256), cross_attention_dim=768,
+                         norm_num_groups=32)
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         ours = decoders.UNet2D.from_pretrained(d)
@@ -194,24 +170,19 @@ def bench_unet(repeats=5):
 @torch.no_grad()
 def bench_image_pipeline(repeats=5, steps=25):
     """A 25-step tiny image pipeline with guidance: generate_image vs StableDiffusionPipeline(prompt_embeds)."""
-    import diffusers
-
     import decoders
+    import reference
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
+    unet = reference.unet(
         sample_size=32, block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-        norm_num_groups=16).eval()
-    vae = diffusers.AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2).eval()
+        norm_num_groups=16)
+    vae = reference.vae(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
     sched = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
                  skip_prk_steps=True, steps_offset=1)
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
-                                             scheduler=diffusers.PNDMScheduler(**sched), safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference.sd_pipeline(unet, vae, sched)
     with tempfile.TemporaryDirectory() as d:
         unet.save_pretrained(d + "/unet")
         vae.save_pretrained(d + "/vae")

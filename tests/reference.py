@@ -1,0 +1,67 @@
+"""
+The reference side of bench.py: the same work built with the reference libraries (transformers, diffusers, open_clip,
+from requirements-dev.txt), which the project never imports at run time. bench.py reads this file; pytest does not
+collect it (no test_ prefix).
+"""
+
+import sys
+from functools import partial
+
+import diffusers
+import torch
+import transformers
+from open_clip.transformer import LayerNorm, VisionTransformer
+
+
+def llama(**config):
+    """A random-weight transformers LlamaForCausalLM (eval mode)."""
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+
+
+def load_llama(folder):
+    return transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def vit(**kw):
+    """open_clip's VisionTransformer with ImageBind's LayerNorm eps (its vision trunk is an OpenCLIP ViT)."""
+    return VisionTransformer(norm_layer=partial(LayerNorm, eps=1e-6), **kw).eval()
+
+
+def unet(**config):
+    return diffusers.UNet2DConditionModel(**config).eval()
+
+
+def vae(**config):
+    return diffusers.AutoencoderKL(**config).eval()
+
+
+def sd_pipeline(unet, vae, scheduler_config):
+    """StableDiffusionPipeline without text encoder or safety checker: it takes prompt embeddings, as ours does."""
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                             scheduler=diffusers.PNDMScheduler(**scheduler_config), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def measure_load(folder, who, warmup_folder):
+    """Print how much the resident memory peaks over the process's before loading folder (bench.py runs this in a
+    fresh process). The warm-up load pays the imports and the loading path's code pages before the baseline."""
+    import resource
+
+    import llm
+
+    def rss():  # resident set now, bytes
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+
+    load = llm.LLaMA.from_pretrained if who == "ours" else load_llama
+    load(warmup_folder)
+    before = rss()
+    load(folder)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # VmHWM: the peak over the process's life
+    print(peak - before)
+
+
+if __name__ == "__main__":  # python tests/reference.py FOLDER ours|transformers WARMUP_FOLDER
+    measure_load(*sys.argv[1:4])
