@@ -325,6 +325,10 @@ class TemporalConv(nn.Module):
             return nn.Sequential(*mods, nn.Conv3d(c, c, (3, 1, 1), padding=(1, 0, 0)))
 
         self.conv1, self.conv2, self.conv3, self.conv4 = stage(False), stage(True), stage(True), stage(True)
+        # as diffusers: the last conv starts at zero, so that a new layer is the identity (x + 0). Only this conv:
+        # a zeroed GroupNorm before it would feed it zeros, and neither would ever get a gradient.
+        nn.init.zeros_(self.conv4[-1].weight)
+        nn.init.zeros_(self.conv4[-1].bias)
 
     def forward(self, x, frames):
         BF, C, H, W = x.shape

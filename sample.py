@@ -75,8 +75,9 @@ def load(args):
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
     if args.tiny_random:
-        return nextgpt.tiny_random(args.seed).to(device), dict(steps=4, guidance=7.5, frames=4, seconds=0.2,
-                                                               height=32, width=32, max_new_tokens=24)
+        import toy  # the random tiny model lives with the toy world
+        return toy.tiny_random(args.seed).to(device), dict(steps=4, guidance=7.5, frames=4, seconds=0.2,
+                                                           height=32, width=32, max_new_tokens=24)
     # on a GPU the backbones wait on the CPU and visit the GPU one at a time (README.md, 'Memory')
     model = nextgpt.NextGPT.from_pretrained(args.ckpt, dtype=dtype, device=device, offload=device != "cpu")
     nextgpt.llm.merge_lora(model.llm)  # inference only: fold LoRA into the base weights, no extra matmuls
@@ -156,7 +157,7 @@ def showcase(model, defaults, args):
     run(model, defaults, args, "Describe this image.", images=[os.path.join(TOY_CKPT, "example.png")], tag="1_")
     run(model, defaults, args, "Draw a red circle.", want=["image"], tag="2_")
     run(model, defaults, args, "Show a blue square moving left.", want=["video"], tag="3_")
-    run(model, defaults, args, "Play two low beeps.", want=["audio"], tag="4_")  # high ones come out near-silent
+    run(model, defaults, args, "Play two high beeps.", want=["audio"], tag="4_")
     print(f"showcase done in {time.time() - t:.1f} s; files in {args.out}/")
 
 

@@ -220,7 +220,7 @@ def _example(r, cfg, config, media):
             for k, name in enumerate(_as_list(r.get(f"output_{m}"))):
                 outputs.append((m, captions[k] if k < len(captions) else "", join(name),
                                 join(embs[k]) if k < len(embs) else None))
-        turns, user, k_out = [], None, 0
+        turns, user = [], None
         for turn in r["conversations"]:
             if turn["from"] == "human":
                 user = turn["value"]
@@ -455,7 +455,8 @@ def select_trainable(model, cfg):
 
 def build_model(cfg):
     if cfg.tiny_random:
-        model = nextgpt.tiny_random(seed=cfg.seed)
+        import toy  # the random tiny model lives with the toy world
+        model = toy.tiny_random(seed=cfg.seed)
     else:
         model = NextGPT.from_pretrained(cfg.ckpt, delta=cfg.delta or None, device=cfg.device)
     if cfg.input_proj and cfg.input_proj != model.config.input_proj:

@@ -1,6 +1,5 @@
 """llm.py against transformers' LlamaForCausalLM and peft, on tiny random weights written in the official HF format."""
 
-import json
 import os
 
 import pytest

@@ -81,5 +81,5 @@ def test_default_showcase_on_the_shipped_toy(tmp_path, monkeypatch, capsys):
         assert im.n_frames == 8 and im.size == (32, 32)
     wave_, sr = soundfile.read(out / "4_audio_0.wav")
     assert sr == 16000 and wave_.shape == (16000,)
-    assert toy.measure_audio(wave_) == ("low", 2)
+    assert toy.measure_audio(wave_) == ("high", 2)
     assert "showcase done" in capsys.readouterr().out

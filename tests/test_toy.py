@@ -5,7 +5,6 @@ import os
 import random
 
 import numpy as np
-import pytest
 
 import toy
 import train
@@ -99,3 +98,9 @@ def test_inflated_video_unet_starts_as_the_image_unet():
         v = video(z, t, ctx).transpose(1, 2).flatten(0, 1)  # (B*F, C, h, w)
     assert per_frame.abs().mean() > 0.1
     assert (v - per_frame).abs().max() < 1e-5
+    # ...and every temporal layer can learn: each one's zero-initialised output gets a gradient at step 0 (a zeroed
+    # GroupNorm before the zeroed conv once kept the temporal convs at zero for good, and every clip static)
+    video(z, t, ctx).square().mean().backward()
+    outs = {n: p for n, p in video.named_parameters()
+            if n.endswith((".conv4.3.weight", ".proj_out.weight")) and ("temp_" in n or "transformer_in" in n)}
+    assert len(outs) == 16 and all(p.grad.abs().max() > 0 for p in outs.values())

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import nextgpt
+import toy
 import train
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,7 @@ def data(tmp_path_factory):
 def run(cfg_args, data_files, model=None):
     cfg, _ = train.parse_args(cfg_args + ["--tiny_random=true", "--log_every=0"])
     cfg.data = ",".join(str(f) for f in data_files)
-    model = model or nextgpt.tiny_random(cfg.seed)
+    model = model or toy.tiny_random(cfg.seed)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     lines = []
     trained = train.train(cfg, model=model, log=lines.append)
@@ -82,7 +83,7 @@ def changed(model, initial):
 
 def test_stage1_trains_only_the_input_projection(data, tmp_path):
     files = [data / "cc3m.json", data / "webvid.json", data / "audiocap.json"]
-    before = eval_losses(nextgpt.tiny_random(0), ["--stage=1"], files)
+    before = eval_losses(toy.tiny_random(0), ["--stage=1"], files)
     model, initial, log, _ = run(["--stage=1", "--max_steps=25", "--lr=3e-2", "--warmup=0", "--batch_size=4",
                                   f"--out_dir={tmp_path}"], files)
     after = eval_losses(model, ["--stage=1"], files)
@@ -96,14 +97,14 @@ def test_stage1_trains_only_the_input_projection(data, tmp_path):
     # the saved checkpoint holds only NExT-GPT's own tensors, and loads back
     saved = load_file(str(tmp_path / open(tmp_path / "latest").read() / "nextgpt.safetensors"))
     assert set(saved) == set(model.trainable_state_dict())
-    fresh = nextgpt.tiny_random(0).load_delta(saved)
+    fresh = toy.tiny_random(0).load_delta(saved)
     assert torch.equal(fresh.input_proj.weight, model.input_proj.weight)
 
 
 def test_stage2_align_and_denoise(data, tmp_path):
     files = [data / "cc3m.json", data / "webvid.json", data / "audiocap.json"]
     args = ["--stage=2", "--denoise_weight=1.0"]
-    before = eval_losses(nextgpt.tiny_random(0), args, files)
+    before = eval_losses(toy.tiny_random(0), args, files)
     model, initial, log, _ = run(args + ["--max_steps=20", "--lr=3e-3", "--warmup=0", "--batch_size=3",
                                          f"--out_dir={tmp_path}"], files)
     after = eval_losses(model, args, files)
@@ -120,7 +121,7 @@ def test_stage2_align_and_denoise(data, tmp_path):
 
 
 def test_denoising_loss_reaches_the_projector_not_the_unet(data):
-    model = nextgpt.tiny_random(0)
+    model = toy.tiny_random(0)
     cfg, _ = train.parse_args(["--stage=2", "--denoise_weight=1", "--align_weight=0", "--nll_weight=0"])
     train.select_trainable(model, cfg)
     examples, _ = train.read_data(str(data / "cc3m.json"), cfg, model.config)
@@ -134,7 +135,7 @@ def test_denoising_loss_reaches_the_projector_not_the_unet(data):
 
 def test_stage3_lora_and_projections(data, tmp_path):
     files = [data / "t2x.json", data / "cc3m.json"]
-    before = eval_losses(nextgpt.tiny_random(0), ["--stage=3"], files)
+    before = eval_losses(toy.tiny_random(0), ["--stage=3"], files)
     model, initial, log, _ = run(["--stage=3", "--max_steps=16", "--lr=1e-2", "--warmup=0", "--batch_size=2",
                                   f"--out_dir={tmp_path}"], files)
     after = eval_losses(model, ["--stage=3"], files)
@@ -197,7 +198,7 @@ def test_torchrun_two_processes_equal_one_on_the_combined_batch(data, tmp_path):
     moved = 0
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-5, k
-    init = nextgpt.tiny_random(0).trainable_state_dict()
+    init = toy.tiny_random(0).trainable_state_dict()
     moved = sum(not torch.equal(a[k], init[k]) for k in a)
     assert moved >= 2  # the run did train
 
@@ -205,7 +206,7 @@ def test_torchrun_two_processes_equal_one_on_the_combined_batch(data, tmp_path):
 def test_prepare_caches_features_and_training_reads_them(data, tmp_path):
     feats = tmp_path / "features"
     cfg, _ = train.parse_args(["--stage=2", f"--features_dir={feats}"])
-    model = nextgpt.tiny_random(0)
+    model = toy.tiny_random(0)
     examples, _ = train.read_data(str(data / "audiocap.json"), cfg, model.config)
     cfg1, _ = train.parse_args(["--stage=1", f"--features_dir={feats}"])
     examples1, _ = train.read_data(str(data / "cc3m.json"), cfg1, model.config)
@@ -228,7 +229,7 @@ def test_config_file_and_gradient_checkpointing(data, tmp_path):
     assert cfg.lr == 0.01 and cfg.batch_size == 2 and cfg.lora  # preset < file < command line
     grads = []
     for ckpt in (False, True):
-        model = nextgpt.tiny_random(0)
+        model = toy.tiny_random(0)
         train.select_trainable(model, cfg)
         model.train()
         model.llm.gradient_checkpointing = ckpt
