@@ -610,7 +610,7 @@ def train_vae(cfg, x, steps, desc, log, salient):
     of each picture) weigh 10x: with a plain mean the VAE learns the black background and the shape's outline first,
     and its color last. For pictures, salient() must cover the ring just outside the shape too: when only the shape
     weighed 10x, missing a corner cost 10x more than painting one, so circles came back as rounded squares (measured
-    on 96 held-out images: shape right in 66-70 reconstructions after 1,000-2,500 steps; with the ring, 96)."""
+    on 96 held-out images: shape right in 63-70 reconstructions after 1,000-2,500 steps; with the ring, 96 at 1,000)."""
     from decoders import VAE
     torch.manual_seed(cfg.seed)
     vae = VAE(vae_config(x.shape[1]))
