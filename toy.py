@@ -627,9 +627,8 @@ def train_vae(cfg, x, steps, desc, log, salient):
     vae.train()
     log[desc] = fit(desc, steps, vae.parameters(), loss_fn, 2e-3)
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        std = torch.cat([vae.encode(x[i:i + 64])[0] for i in range(0, len(x), 64)]).std()
-    vae.cfg.scaling_factor = float(1 / std)
+    vae.cfg.scaling_factor = 1.0
+    vae.cfg.scaling_factor = float(1 / latents(vae, x).std())  # the unscaled latents' std
     return vae
 
 
@@ -1158,7 +1157,7 @@ def tiny_random(seed=0, input_proj="linear"):
 
     import decoders as dec
     import llm
-    from encoder import CLIPTokenizer, ImageBind
+    from encoder import ImageBind
     from nextgpt import NextGPT, NextGPTConfig
     torch.manual_seed(seed)
     config = NextGPTConfig.preset("tiny")
@@ -1170,11 +1169,8 @@ def tiny_random(seed=0, input_proj="linear"):
         tok.add_special_tokens(config.added_tokens)
         config.llm = replace(config.llm, vocab_size=pieces)  # the corpus may give fewer pieces than asked
     encoder = ImageBind(config.imagebind, modalities=("vision", "audio")).eval().requires_grad_(False)
-    clip_tok = CLIPTokenizer({t: i for i, t in enumerate(char_vocab("clip"))}, [], pad_id=0)
-    roberta_tok = dec.RobertaTokenizer({t: i for i, t in enumerate(char_vocab("roberta"))}, [], max_length=32)
+    clip_tok, roberta_tok = clip_tokenizer(pad_id=0), roberta_tokenizer()
     W = config.cond_shape["image"][1]
-    ddim = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
-                steps_offset=1, clip_sample=False)
     unet2d = dec.UNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=2,
                             cross_attention_dim=W, norm_num_groups=8,
                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -1194,7 +1190,7 @@ def tiny_random(seed=0, input_proj="linear"):
     for kind, unet_cfg, vae_cfg in (("image", unet2d, vae), ("video", unet3d, vae), ("audio", unet_audio, vae_audio)):
         unet = (dec.UNet3D if unet_cfg.video else dec.UNet2D)(unet_cfg)
         vocoder = dec.HiFiGAN(dec.HIFIGAN_PRESETS["tiny"]) if kind == "audio" else None
-        d = dec.Decoder(kind, None, unet.eval(), dec.VAE(vae_cfg).eval(), dec.DDIM(**ddim), vocoder and vocoder.eval())
+        d = dec.Decoder(kind, None, unet.eval(), dec.VAE(vae_cfg).eval(), sampler(), vocoder and vocoder.eval())
         d._text_encoder = (dec.CLAPTextEncoder(clap) if kind == "audio" else dec.CLIPTextEncoder(clip)).eval()
         d._tokenizer = roberta_tok if kind == "audio" else clip_tok
         for m in (d.unet, d.vae, d.vocoder, d._text_encoder):
