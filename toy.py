@@ -1091,6 +1091,40 @@ def evaluate(cfg, ckpt):
     return acc
 
 
+def probe_video(cfg, ckpt, per_class=2):
+    """
+    Does the video decoder read the caption's direction? Its eps-prediction loss on fresh clips (per_class for each of
+    the 48 captions) at six noise levels, given the true caption, the same caption with the opposite direction, and ""
+    (the unconditional one). A decoder that ties the motion to the caption has a clearly lower loss with the true
+    caption than with the opposite one. -> {t: {"true": loss, "opposite": loss, "unconditional": loss}}
+    """
+    import decoders as dec
+    with open(os.path.join(ckpt, "nextgpt.json")) as f:  # the manifest says where the video decoder is
+        d = dec.load_video_decoder(os.path.join(ckpt, json.load(f)["files"]["video"]), torch.float32, "cpu")
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    rng = random.Random(cfg.seed + 2000)
+    rows = [(c, s, m) for c in COLORS for s in SHAPES for m in MOTIONS] * per_class
+    clips = torch.from_numpy(np.stack([make_video(rng, *r) for r in rows]))  # (N, F, H, W, 3) uint8
+    frames = clips.float().div(127.5).sub(1).movedim(-1, -3).flatten(0, 1)  # (N * F, 3, H, W) in [-1, 1]
+    z0 = latents(d.vae, frames).unflatten(0, (len(rows), FRAMES)).transpose(1, 2)  # (N, 4, F, h, w)
+    conds = {"true": [video_caption(*r) for r in rows],
+             "opposite": [video_caption(c, s, opposite[m]) for c, s, m in rows], "unconditional": [""] * len(rows)}
+    conds = {k: d.embed_text(v) for k, v in conds.items()}  # (N, 77, D) each
+    g = torch.Generator().manual_seed(cfg.seed)
+    print(f"{d.folder}: mean eps loss on {len(rows)} fresh clips\n| t | " + " | ".join(conds) + " |")
+    print("| --- " * (len(conds) + 1) + "|")
+    table = {}
+    with torch.no_grad():
+        for t in (50, 200, 400, 600, 800, 950):
+            noise = torch.randn(z0.shape, generator=g)
+            x_t = d.sampler.add_noise(z0, noise, torch.full((len(z0),), t))
+            tt = torch.full((16,), t)  # 16 clips at a time (N is a multiple of 48)
+            table[t] = {k: float(torch.stack([F.mse_loss(d.unet(x_t[i:i + 16], tt, c[i:i + 16]), noise[i:i + 16])
+                                              for i in range(0, len(z0), 16)]).mean()) for k, c in conds.items()}
+            print(f"| {t} | " + " | ".join(f"{v:.5f}" for v in table[t].values()) + " |")
+    return table
+
+
 def pictures(cfg, ckpt, folder=os.path.join(HERE, "assets")):
     """The README's pictures, generated (never drawn): every image caption, four motions, three sounds' log-mels
     (each (N_MELS, 100), low frequencies at the bottom). As sample.py does, the asked-for output is forced."""
@@ -1205,7 +1239,8 @@ def tiny_random(seed=0, input_proj="linear"):
 # Command line
 
 def parse(argv):
-    """--small, --out=DIR, --key=value for any ToyConfig field; actions: --recipe, --stages, --eval [CKPT], --ship."""
+    """--small, --out=DIR, --key=value for any ToyConfig field; actions: --recipe, --stages, --eval [CKPT], --ship,
+    --pictures [CKPT], --probe-video [CKPT]."""
     actions, kv, ckpt = set(), {}, None
     for a in argv:
         key, eq, value = a.lstrip("-").partition("=")
@@ -1230,7 +1265,7 @@ def main(argv):
     cfg, actions, ckpt = parse(argv)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    if not actions & {"eval", "ship", "stages", "pictures"} or "recipe" in actions:
+    if not actions & {"eval", "ship", "stages", "pictures", "probe_video"} or "recipe" in actions:
         t0 = time.time()
         files = write_world(cfg)
         print(f"world written to {cfg.out}/data in {time.time() - t0:.0f} s", flush=True)
@@ -1243,6 +1278,8 @@ def main(argv):
         ship(cfg, ckpt or latest(cfg, 3))
     if "pictures" in actions:
         pictures(cfg, ckpt or ASSETS)
+    if "probe_video" in actions:
+        probe_video(cfg, ckpt or ASSETS)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,14 @@ def test_inflated_video_unet_starts_as_the_image_unet():
     outs = {n: p for n, p in video.named_parameters()
             if n.endswith((".conv4.3.weight", ".proj_out.weight")) and ("temp_" in n or "transformer_in" in n)}
     assert len(outs) == 16 and all(p.grad.abs().max() > 0 for p in outs.values())
+
+
+def test_video_probe_on_the_shipped_decoder():
+    """--probe-video's wiring: the caption's color and shape reach the shipped video UNet (the true caption's loss is
+    far below the unconditional one wherever the clip is not drowned in noise), and the opposite direction is a
+    different embedding, so equal losses there mean the UNet ignores the direction word (README, "text -> video")."""
+    table = toy.probe_video(toy.ToyConfig(), toy.ASSETS, per_class=1)
+    assert sorted(table) == [50, 200, 400, 600, 800, 950]
+    for t in (50, 200, 400, 600):
+        assert table[t]["unconditional"] > 1.5 * table[t]["true"], table[t]
+    assert any(row["opposite"] != row["true"] for row in table.values())
