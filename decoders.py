@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encoder import CLIPTokenizer, bytes_to_unicode  # the project's one CLIP BPE, and byte-level BPE's alphabet
+from encoder import CLIPTokenizer, bpe_merge, bytes_to_unicode  # the project's one byte-level BPE
 from weights import CheckpointError, load_folder, place, read_json, still_on_meta
 
 DIFFUSERS_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
@@ -77,11 +77,8 @@ def _unsupported(d, allowed, what):
 
 
 def _load_model(model_cls, cfg, folder, dtype, device, stems, rename=None):
-    """
-    Read the weights (cast while reading), rename explicitly, build on the meta device, place strictly: no random
-    init and no second copy. The decoders are frozen in NExT-GPT, so their weights come back with requires_grad off
-    (the denoising loss still backpropagates through them to the conditioning).
-    """
+    """Read (cast while reading), rename, build on the meta device, place strictly. The decoders are frozen in NExT-GPT:
+    requires_grad off (the denoising loss still backpropagates through them to the conditioning)."""
     sd = load_folder(folder, stems=stems, dtype=dtype, device=device)
     if rename is not None:
         sd = rename(sd)
@@ -166,11 +163,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(c, c, 3, padding=1)
 
     def forward(self, x, size=None):
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
+        return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))
 
 
 class Attention(nn.Module):
@@ -849,7 +842,6 @@ ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "gelu": F.gelu,
     "relu": F.relu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
 }
 
 
@@ -1063,24 +1055,9 @@ class RobertaTokenizer:
         return cls(vocab, merges, max_length if isinstance(max_length, int) and max_length < 100_000 else 512)
 
     def bpe(self, word):
-        if word in self.cache:
-            return self.cache[word]
-        parts = list(word)
-        while len(parts) > 1:
-            first, second = min(zip(parts, parts[1:]), key=lambda p: self.bpe_ranks.get(p, math.inf))
-            if (first, second) not in self.bpe_ranks:
-                break
-            merged, i = [], 0
-            while i < len(parts):  # merge every occurrence of the best pair, left to right
-                if i < len(parts) - 1 and parts[i] == first and parts[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        self.cache[word] = parts
-        return parts
+        if word not in self.cache:
+            self.cache[word] = bpe_merge(list(word), self.bpe_ranks)
+        return self.cache[word]
 
     def encode(self, text):
         """Text -> BPE ids, without <s> / </s>."""
@@ -1137,6 +1114,8 @@ class Sampler:
         if c["prediction_type"] not in ("epsilon", "v_prediction"):
             raise NotImplementedError(f"prediction_type {c['prediction_type']!r}")
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # abar_t, (N,)
+        # DDIM / PNDM: the abar after the last step, 1 (a clean image) or, as SD-family configs say, abar_0
+        self.final_alpha_cumprod = torch.tensor(1.0) if c.get("set_alpha_to_one", True) else self.alphas_cumprod[0]
         self.timesteps = None
         self.num_inference_steps = None
 
@@ -1182,11 +1161,6 @@ class DDIM(Sampler):
     defaults = {**Sampler.defaults, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True}
     fixed = {"thresholding": False, "rescale_betas_zero_snr": False}
 
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        # the abar used after the last step: 1 (a clean image) or, as SD-family configs say, abar_0
-        self.final_alpha_cumprod = torch.tensor(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
-
     def set_timesteps(self, n, device=None):
         self.num_inference_steps = n
         self.timesteps = torch.from_numpy(self._spaced(n).copy()).to(device)
@@ -1211,10 +1185,6 @@ class PNDM(Sampler):
     """
     defaults = {**Sampler.defaults, "set_alpha_to_one": False}
     fixed = {"skip_prk_steps": True}
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.final_alpha_cumprod = torch.tensor(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
     def set_timesteps(self, n, device=None):
         self.num_inference_steps = n
@@ -1456,11 +1426,8 @@ class Decoder:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            folder = os.path.join(self.folder, "tokenizer")
-            if self.kind == "audio":
-                self._tokenizer = RobertaTokenizer.from_folder(folder)
-            else:
-                self._tokenizer = CLIPTokenizer.from_folder(folder)
+            cls = RobertaTokenizer if self.kind == "audio" else CLIPTokenizer
+            self._tokenizer = cls.from_folder(os.path.join(self.folder, "tokenizer"))
         return self._tokenizer
 
     @torch.no_grad()

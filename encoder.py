@@ -136,12 +136,12 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """transformer.Mlp: fc1 -> exact (erf) GELU -> fc2."""
+    """transformer.Mlp (and GroupViT's): fc1 -> exact (erf) GELU -> fc2."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, out=None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, out or dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
@@ -321,13 +321,7 @@ class ImageBind(nn.Module):
     video clips, "audio": (B, 1, 128, 204) or (B, S, 1, 128, 204) fbanks, "text": (B, 77) token ids}; returns the same
     keys with (B, out_dim) embeddings after the postprocessors (vision unit-norm, text x logit scale, audio x 20).
     An input of 5 or more dims has a clip axis S: its embeddings are averaged over the clips, not re-normalised.
-
-    What NExT-GPT takes:
-    - embed(modality, x) -> (B, out_dim): the legacy input. The pooled CLS embedding, L2-normalised, with no
-      logit scale (so audio is NOT x 20, as NExT-GPT uses postprocessors[0] only), clip-averaged.
-    - patch_features(modality, x) -> (B, N, out_dim), N = 256 (vision) or 228 (audio): the paper's input. Head
-      LayerNorm over all tokens, CLS dropped, head projection per token, L2-normalised per token, clip-averaged per
-      token (the new NExT-GPT code patches SelectElement to x[..., 1:, :]).
+    NExT-GPT takes embed (the legacy input) or patch_features (the paper's) instead.
     """
 
     def __init__(self, config, modalities=MODALITIES):
@@ -401,13 +395,15 @@ class ImageBind(nn.Module):
         return out
 
     def embed(self, modality, x):
-        """Legacy NExT-GPT input: pooled, L2-normalised (no logit scale, so audio is not x 20), clip-averaged."""
+        """Legacy NExT-GPT input (B, out_dim): pooled CLS, L2-normalised with no logit scale (NExT-GPT uses
+        postprocessors[0] only, so audio is not x 20), clip-averaged."""
         x, S = self._clips(x)
         y = F.normalize(self._pooled(modality, x), dim=-1)  # postprocessors[0]
         return y if S is None else y.view(-1, S, y.shape[-1]).mean(dim=1)  # (B, out_dim)
 
     def patch_features(self, modality, x):
-        """Paper NExT-GPT input: per-patch head features (B, 256 | 228, out_dim), unit-norm per token, clip-averaged."""
+        """Paper NExT-GPT input (B, 256 | 228, out_dim): the head per token, CLS dropped (the new code patches
+        SelectElement to x[..., 1:, :]), unit-norm per token, clip-averaged."""
         if modality not in ("vision", "audio"):
             raise ValueError(f"patch features exist for vision and audio, not {modality!r}")
         x, S = self._clips(x)
@@ -421,11 +417,8 @@ class ImageBind(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path=DEFAULT_CHECKPOINT, config=None, modalities=MODALITIES, dtype=None, device=None):
-        """
-        Load the official imagebind_huge.pth (or a file with the same key names) strictly: the chosen modalities'
-        tensors must all be there with the right shapes and nothing else may be; depth / thermal / IMU tensors and
-        those of modalities not chosen are dropped on purpose. Built on the meta device, tensors placed, no copy.
-        """
+        """The official imagebind_huge.pth (or a file with its key names), placed strictly (weights.place) after
+        dropping, on purpose, the depth / thermal / IMU tensors and those of modalities not chosen."""
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"ImageBind checkpoint not found: {path}\n  It is the official ImageBind release (facebookresearch/"
@@ -455,6 +448,25 @@ def bytes_to_unicode():
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
+
+
+def bpe_merge(parts, ranks):
+    """Byte-level BPE of one word: merge the lowest-ranked adjacent pair everywhere it occurs, until no known pair is
+    left. parts: the word's symbols; ranks: {(a, b): rank}. Shared by CLIPTokenizer and decoders.RobertaTokenizer."""
+    while len(parts) > 1:
+        pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, math.inf))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == pair:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
 
 
 @functools.lru_cache(maxsize=None)
@@ -576,26 +588,9 @@ class CLIPTokenizer:
         return cls(encoder, merges, pad_id, clean=clean)
 
     def bpe(self, token):
-        if token in self.cache:
-            return self.cache[token]
-        word = tuple(token[:-1]) + (token[-1] + "</w>",)
-        while len(word) > 1:
-            # merge the lowest-ranked adjacent pair everywhere it occurs, until no known pair is left
-            pair = min(zip(word, word[1:]), key=lambda p: self.bpe_ranks.get(p, float("inf")))
-            if pair not in self.bpe_ranks:
-                break
-            merged, i = [], 0
-            while i < len(word):
-                if i < len(word) - 1 and (word[i], word[i + 1]) == pair:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = tuple(merged)
-        out = " ".join(word)
-        self.cache[token] = out
-        return out
+        if token not in self.cache:
+            self.cache[token] = " ".join(bpe_merge(list(token[:-1]) + [token[-1] + "</w>"], self.bpe_ranks))
+        return self.cache[token]
 
     def encode(self, text):
         ids = []
@@ -764,13 +759,8 @@ def load_video(path, clips=5, clip_duration=2, crop=224):
         h, wd = size
         # data.SpatialCrop(224, 3): left / centre / right crops (top / centre / bottom for portrait videos)
         y0, x0 = math.ceil((h - crop) / 2), math.ceil((wd - crop) / 2)
-        for k in range(3):
-            y, xx = y0, x0
-            if h > wd:
-                y = (0, y0, h - crop)[k]
-            else:
-                xx = (0, x0, wd - crop)[k]
-            out.append(x[:, :, y:y + crop, xx:xx + crop])
+        corners = [(y, x0) for y in (0, y0, h - crop)] if h > wd else [(y0, xx) for xx in (0, x0, wd - crop)]
+        out += [x[:, :, y:y + crop, xx:xx + crop] for y, xx in corners]
     return torch.stack(out)  # (15, 3, 2, 224, 224)
 
 

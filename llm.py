@@ -225,21 +225,16 @@ class LLaMA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, dtype=None, device=None):
-        """
-        An HF-format folder (config.json + model.safetensors, sharded safetensors with their index, or
-        pytorch_model*.bin) -> LLaMA, strictly: every tensor used, every shape checked. The model is built on the
-        meta device, so no 7B random init happens, and each tensor is read once (cast on the way): no second copy.
-        dtype None means float32 (as transformers does).
-        """
+        """An HF-format folder (config.json + model*.safetensors or pytorch_model*.bin, sharded or not) -> LLaMA, loaded
+        by weights.place's rules (strict, meta-device build, one copy). dtype None means float32, as transformers."""
         if not os.path.isdir(folder):
             raise FileNotFoundError(
                 f"LLaMA / Vicuna folder not found: {folder}. NExT-GPT's released weights need Vicuna-7B v0 in HF format "
                 f"(LLaMA-1 7B with lmsys/vicuna-7b-delta-v0 applied; see README.md, 'Weights').")
         cfg = LLaMAConfig.from_hf(os.path.join(folder, "config.json"))
         sd = weights.load_folder(folder, stems=("model", "pytorch_model"), dtype=dtype or torch.float32, device=device)
-        sd.pop("model.rotary_emb.inv_freq", None)  # older transformers saved this computed buffer
-        for name in [n for n in sd if n.endswith("self_attn.rotary_emb.inv_freq")]:
-            sd.pop(name)
+        # older transformers saved the computed rotary buffers (model.rotary_emb. or per layer): recomputed here
+        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
         if cfg.tie_embeddings:
             sd.pop("lm_head.weight", None)
         with torch.device("meta"):
@@ -473,17 +468,8 @@ def load_lora(model, state_dict):
     expected = lora_state_dict(model)
     if not expected:
         raise weights.CheckpointError("load_lora: the model has no LoRA layers; call add_lora(model, r, alpha) first")
-    unplaced = [n for n in ours if n not in expected]
-    missing = [n for n in expected if n not in ours]
-    if unplaced or missing:
-        msg = ["load_lora: the LoRA tensors do not fit the model:"]
-        if unplaced:
-            msg.append(weights._listing("cannot be placed (no such LoRA layer)", unplaced))
-        if missing:
-            msg.append(weights._listing("missing from the state dict", missing))
-        msg.append("  Was add_lora called with the same targets? Is this the right checkpoint?")
-        raise weights.CheckpointError("\n".join(msg))
-    return weights.place(model, ours, what="LoRA state dict", partial=True)
+    return weights.place(model, ours, what="LoRA state dict (was add_lora called with the same targets?)",
+                         partial=True, required=expected)
 
 
 @torch.no_grad()
@@ -501,8 +487,4 @@ def merge_lora(model):
                     plain.bias = child.bias
                 setattr(module, child_name, plain)
     return model
-
-
-def count_parameters(model, trainable_only=False):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

@@ -26,12 +26,13 @@ import torch.nn.functional as F
 
 import llm
 import weights
-from encoder import ImageBind, ImageBindConfig
+from encoder import Attention, ImageBind, ImageBindConfig, Mlp, load_audio, load_image, load_video
 from llm import LLaMA, LLaMAConfig
 
 MODALITIES = ("image", "video", "audio")
 ENCODER_MODALITY = {"image": "vision", "video": "vision", "audio": "audio"}  # ImageBind sees a video as 2-frame clips
 SIGNAL_PREFIX = {"image": "IMG", "video": "VID", "audio": "AUD"}
+LOADERS = {"image": load_image, "video": load_video, "audio": load_audio}  # a file -> official ImageBind input
 
 
 def added_tokens(n_image=4, n_video=24, n_audio=8):
@@ -103,16 +104,8 @@ class NextGPTConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 # Output side: TextFcLayer (mode "transformer"), written out with nn.Transformer's parameter names
 
-class MultiheadAttention(nn.Module):
-    """nn.MultiheadAttention's parameters (packed in_proj), computed with SDPA."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
-        nn.init.xavier_uniform_(self.in_proj_weight)
+class MultiheadAttention(Attention):
+    """nn.MultiheadAttention's parameters (packed in_proj, as encoder.Attention), attending from x to memory."""
 
     def forward(self, x, memory):
         B, T, C = x.shape
@@ -143,9 +136,7 @@ class TransformerLayer(nn.Module):
         x = x + self.self_attn(h, h)
         if memory is not None:
             x = x + self.multihead_attn(self.norm2(x), memory)
-            ff_norm = self.norm3
-        else:
-            ff_norm = self.norm2
+        ff_norm = self.norm2 if memory is None else self.norm3
         return x + self.linear2(F.relu(self.linear1(ff_norm(x))))
 
 
@@ -183,16 +174,6 @@ class OutputProjector(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Input side, the paper's way: GroupViT-style grouping of grid features into concept tokens (GroupProjector)
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden, out=None):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, out or dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
 
 class MixerMlp(Mlp):
     """An MLP across tokens instead of channels: maps S1 group tokens to S2."""
@@ -291,7 +272,7 @@ class GroupingBlock(nn.Module):
     def __init__(self, dim, heads, num_group_token, num_output_group):
         super().__init__()
         self.norm_tokens = nn.LayerNorm(dim)
-        self.mlp_inter = Mlp(num_group_token, dim // 2, num_output_group)  # across tokens, mlp_ratio (0.5, 4)
+        self.mlp_inter = MixerMlp(num_group_token, dim // 2, num_output_group)  # across tokens, mlp_ratio (0.5, 4)
         self.norm_post_tokens = nn.LayerNorm(dim)
         self.norm_x = nn.LayerNorm(dim)
         self.pre_assign_attn = CrossAttnBlock(dim, heads)
@@ -301,7 +282,7 @@ class GroupingBlock(nn.Module):
 
     def forward(self, x, group_tokens):
         x = self.norm_x(x)  # (B, L, C)
-        groups = self.mlp_inter(self.norm_tokens(group_tokens).transpose(1, 2)).transpose(1, 2)  # (B, S2, C)
+        groups = self.mlp_inter(self.norm_tokens(group_tokens))  # (B, S1, C) -> (B, S2, C)
         groups = self.pre_assign_attn(self.norm_post_tokens(groups), x)
         new_x, self.last_assignment = self.assign(groups, x)
         new_x = new_x + groups
@@ -422,6 +403,10 @@ class NextGPT(nn.Module):
         Official ImageBind input tensors -> LLM tokens. x: image (B, 3, 224, 224), video (B, 15, 3, 2, 224, 224),
         audio (B, 3, 1, 128, 204) (encoder.load_* give one item; stack them). Returns (B, 1 | 8, D).
         """
+        return self.project(self.features(modality, x))
+
+    def features(self, modality, x):
+        """The same inputs -> what input_proj reads: (B, 1, 1024) pooled or (B, 256 | 228, 1024) patches."""
         if self.encoder is None:
             raise RuntimeError("no ImageBind loaded: pass encoder= or use NextGPT.from_pretrained")
         if self.offload:
@@ -435,7 +420,7 @@ class NextGPT(nn.Module):
                 feats = self.encoder.patch_features(ENCODER_MODALITY[modality], x)  # (B, 256 | 228, 1024)
         if self.offload:
             self.encoder.to("cpu")
-        return self.project(feats)
+        return feats
 
     def project(self, feats):
         """ImageBind features (B, 1, 1024) pooled or (B, N, 1024) patches -> LLM tokens (B, 1 | 8, D)."""
@@ -588,13 +573,11 @@ class NextGPT(nn.Module):
         early (those that chose each signal token, `embeddings[:, gen_idx-1 : ...]`), while training used the hidden
         states at the signal tokens' own positions. Our default is the training side of both.
         """
-        import encoder as enc
         official = self.config.official_inference if official_inference is None else official_inference
-        loaders = {"image": enc.load_image, "video": enc.load_video, "audio": enc.load_audio}
         media = []
         for modality, items in (("image", images), ("video", videos), ("audio", audios)):
             for item in items:
-                x = loaders[modality](item) if isinstance(item, (str, os.PathLike)) else item
+                x = LOADERS[modality](item) if isinstance(item, (str, os.PathLike)) else item
                 media.append((modality, self.encode(modality, x[None])[0]))  # (n, D)
         embeds = self.prompt_embeds(list(history) + [(prompt, None)], media, official=official)
         tokens, hs = self.reply(embeds, max_new_tokens, temperature, top_p, want,
@@ -607,18 +590,14 @@ class NextGPT(nn.Module):
             cond = self.project_signal(modality, hidden[None])  # (1, Q, W)
             if modality == "audio":
                 cond = cond[:, 0]  # (1, 512): AudioLDM reads one vector
+            kw = {"image": dict(height=height or 512, width=width or 512), "audio": dict(seconds=seconds),
+                  "video": dict(frames=frames, height=height or 320, width=width or 576)}[modality]
             g = torch.Generator().manual_seed(seed + k)
-            kw = dict(steps=steps, guidance=guidance, generator=g, progress=progress)
-            if modality == "image":
-                kw.update(height=height or 512, width=width or 512)
-            elif modality == "video":
-                kw.update(frames=frames, height=height or 320, width=width or 576)
-            else:
-                kw.update(seconds=seconds)
             decoder = self.decoder(modality)
             if self.offload:
                 decoder.to(self.device)
-            result = decoder.generate(cond, self.uncond(modality), **kw)
+            result = decoder.generate(cond, self.uncond(modality), steps=steps, guidance=guidance, generator=g,
+                                      progress=progress, **kw)
             if self.offload:
                 decoder.to("cpu")
             out[modality].append(result[0].float().cpu())
@@ -649,16 +628,11 @@ class NextGPT(nn.Module):
             else:
                 ours[new] = t
         if unplaced:
-            raise weights.CheckpointError("load_delta: these tensors have no place in NextGPT:\n" +
-                                          "\n".join("    " + n for n in unplaced[:20]))
+            raise weights.CheckpointError("load_delta:\n" + weights._listing("no place in NextGPT", unplaced))
         if has_lora:
             llm.load_lora(self.llm, {k[len("llm."):]: v for k, v in lora.items()})
-        expected = {n for n in self.trainable_state_dict() if ".lora_" not in n}  # LoRA: checked by load_lora
-        missing = sorted(expected - set(ours))
-        if missing:
-            raise weights.CheckpointError("load_delta: the delta lacks these tensors:\n" +
-                                          "\n".join("    " + n for n in missing[:20]))
-        weights.place(self, ours, what="NExT-GPT delta", partial=True)
+        expected = [n for n in self.trainable_state_dict() if ".lora_" not in n]  # LoRA: checked by load_lora
+        weights.place(self, ours, what="NExT-GPT delta", partial=True, required=expected)
         return self
 
     def trainable_state_dict(self):

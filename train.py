@@ -233,7 +233,6 @@ def _example(r, cfg, config, media):
     raise ValueError(f"unknown record format (keys: {sorted(r)})")
 
 
-
 def _as_list(x):
     return [] if x is None else x if isinstance(x, list) else [x]
 
@@ -256,19 +255,10 @@ def _cached_features(cfg, path):
 
 def input_features(model, modality, path, cfg):
     """ImageBind's output for one input file: (1, 1024) pooled or (N, 1024) patches, as the projection wants."""
-    kind = f"imagebind_{model.config.input_proj}"
-    cached = _cache_path(cfg, kind, path)
+    cached = _cache_path(cfg, f"imagebind_{model.config.input_proj}", path)
     if cached and os.path.isfile(cached):
         return torch.from_numpy(np.load(cached)).float()
-    import encoder
-    x = {"image": encoder.load_image, "video": encoder.load_video, "audio": encoder.load_audio}[modality](path)
-    enc = model.encoder
-    p = next(enc.parameters())
-    with torch.no_grad():
-        m = nextgpt.ENCODER_MODALITY[modality]
-        if model.config.input_proj == "linear":
-            return enc.embed(m, x[None].to(p.device, p.dtype)).float().cpu()  # (1, 1024)
-        return enc.patch_features(m, x[None].to(p.device, p.dtype))[0].float().cpu()  # (N, 1024)
+    return model.features(modality, nextgpt.LOADERS[modality](path)[None])[0].float().cpu()  # (1 | N, 1024)
 
 
 def caption_target(model, modality, caption, emb_path, memo):

@@ -116,13 +116,14 @@ def read_json(path):
         return json.load(f)
 
 
-def check(module, state_dict, what="checkpoint", partial=False):
-    """Raise CheckpointError unless state_dict fits module exactly (names and shapes). partial: missing names allowed."""
+def check(module, state_dict, what="checkpoint", partial=False, required=()):
+    """Raise CheckpointError unless state_dict fits module exactly (names and shapes). partial: missing names allowed,
+    except those in required."""
     expected = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     # non-persistent buffers (rotary tables, masks we compute) are not part of any checkpoint
     transient = {n for n, _ in _non_persistent(module)}
     expected = {n: t for n, t in expected.items() if n not in transient}
-    missing = [] if partial else [n for n in expected if n not in state_dict]
+    missing = [n for n in (required if partial else expected) if n not in state_dict]
     unexpected = [n for n in state_dict if n not in expected]
     misshaped = [f"{n}: file {tuple(state_dict[n].shape)}, model {tuple(expected[n].shape)}"
                  for n in state_dict if n in expected and state_dict[n].shape != expected[n].shape]
@@ -145,13 +146,13 @@ def _non_persistent(module, prefix=""):
         yield from _non_persistent(child, prefix + child_name + ".")
 
 
-def place(module, state_dict, what="checkpoint", partial=False):
+def place(module, state_dict, what="checkpoint", partial=False, required=()):
     """
     Check, then put each tensor into module as it is (the module may live on the meta device).
     A tensor takes the dtype of the slot it fills unless that slot is on the meta device (then the file's dtype
     stays: from_pretrained casts while reading). requires_grad of every parameter is kept.
     """
-    check(module, state_dict, what, partial)
+    check(module, state_dict, what, partial, required)
     for name, t in state_dict.items():
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name)
