@@ -1143,11 +1143,21 @@ class Sampler:
             raise ValueError(f"timestep_spacing {spacing!r}: use 'linspace', 'leading' or 'trailing'")
         return (ts[:-1] if drop_zero else ts).astype(np.int64)
 
+    def _abar(self, t, x0):
+        abar = self.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[torch.as_tensor(t, device=x0.device)]
+        return abar.reshape(abar.shape + (1,) * (x0.ndim - abar.ndim))  # (B,) -> (B, 1, 1, 1)
+
     def add_noise(self, x0, noise, t):
         """q(x_t | x_0) = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; t (B,) or an int."""
-        abar = self.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[torch.as_tensor(t, device=x0.device)]
-        abar = abar.reshape(abar.shape + (1,) * (x0.ndim - abar.ndim))  # (B,) -> (B, 1, 1, 1)
+        abar = self._abar(t, x0)
         return abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise
+
+    def target(self, x0, noise, t):
+        """What the UNet learns to output at t: the noise, or v = sqrt(abar) noise - sqrt(1 - abar) x0."""
+        if self.config["prediction_type"] == "epsilon":
+            return noise
+        abar = self._abar(t, x0)
+        return abar ** 0.5 * noise - (1 - abar) ** 0.5 * x0
 
     def _x0_eps(self, out, x, abar):
         """The model output as (x0, eps) at noise level abar."""

@@ -1093,7 +1093,7 @@ def evaluate(cfg, ckpt):
 
 def probe_video(cfg, ckpt, per_class=2):
     """
-    Does the video decoder read the caption's direction? Its eps-prediction loss on fresh clips (per_class for each of
+    Does the video decoder read the caption's direction? Its denoising loss on fresh clips (per_class for each of
     the 48 captions) at six noise levels, given the true caption, the same caption with the opposite direction, and ""
     (the unconditional one). A decoder that ties the motion to the caption has a clearly lower loss with the true
     caption than with the opposite one. -> {t: {"true": loss, "opposite": loss, "unconditional": loss}}
@@ -1111,7 +1111,7 @@ def probe_video(cfg, ckpt, per_class=2):
              "opposite": [video_caption(c, s, opposite[m]) for c, s, m in rows], "unconditional": [""] * len(rows)}
     conds = {k: d.embed_text(v) for k, v in conds.items()}  # (N, 77, D) each
     g = torch.Generator().manual_seed(cfg.seed)
-    print(f"{d.folder}: mean eps loss on {len(rows)} fresh clips\n| t | " + " | ".join(conds) + " |")
+    print(f"{os.path.relpath(d.folder)}: mean denoising loss on {len(rows)} fresh clips\n| t | " + " | ".join(conds) + " |")
     print("| --- " * (len(conds) + 1) + "|")
     table = {}
     with torch.no_grad():
@@ -1119,7 +1119,8 @@ def probe_video(cfg, ckpt, per_class=2):
             noise = torch.randn(z0.shape, generator=g)
             x_t = d.sampler.add_noise(z0, noise, torch.full((len(z0),), t))
             tt = torch.full((16,), t)  # 16 clips at a time (N is a multiple of 48)
-            table[t] = {k: float(torch.stack([F.mse_loss(d.unet(x_t[i:i + 16], tt, c[i:i + 16]), noise[i:i + 16])
+            target = d.sampler.target(z0, noise, t)  # the noise, or v for a v-prediction decoder
+            table[t] = {k: float(torch.stack([F.mse_loss(d.unet(x_t[i:i + 16], tt, c[i:i + 16]), target[i:i + 16])
                                               for i in range(0, len(z0), 16)]).mean()) for k, c in conds.items()}
             print(f"| {t} | " + " | ".join(f"{v:.5f}" for v in table[t].values()) + " |")
     return table

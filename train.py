@@ -404,7 +404,8 @@ def compute_losses(model, batch, cfg, memo):
 
 def denoise_loss(model, modality, cond, media):
     """Conditional latent denoising: the frozen UNet, conditioned on the projector output, predicts the noise added to
-    the target's latents. Gradients reach the projector through cond only (the UNet is frozen)."""
+    the target's latents (or v, for a v-prediction decoder). Gradients reach the projector through cond only (the UNet
+    is frozen)."""
     d = model.decoder(modality)
     z0 = target_latents(model, modality, media)
     noise = torch.randn_like(z0)
@@ -412,10 +413,10 @@ def denoise_loss(model, modality, cond, media):
     x_t = d.sampler.add_noise(z0, noise, t)
     p = next(d.unet.parameters())
     if modality == "audio":  # AudioLDM: the embedding is the class label, no cross-attention context
-        eps = d.unet(x_t.to(p.dtype), t, None, class_labels=cond[:, 0].to(p.dtype))
+        out = d.unet(x_t.to(p.dtype), t, None, class_labels=cond[:, 0].to(p.dtype))
     else:
-        eps = d.unet(x_t.to(p.dtype), t, cond.to(p.dtype))
-    return F.mse_loss(eps.float(), noise)
+        out = d.unet(x_t.to(p.dtype), t, cond.to(p.dtype))
+    return F.mse_loss(out.float(), d.sampler.target(z0, noise, t))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -252,7 +252,7 @@ def test_load_sampler_picks_the_class(tmp_path):
         D.PNDM(skip_prk_steps=False)
 
 
-@pytest.mark.parametrize("config", [SD_SCHED, AUDIOLDM_SCHED])
+@pytest.mark.parametrize("config", [SD_SCHED, AUDIOLDM_SCHED, {**SD_SCHED, "prediction_type": "v_prediction"}])
 def test_add_noise(tmp_path, config):
     folder = write_sched(tmp_path, config)
     ref = diffusers.DDIMScheduler.from_pretrained(folder)
@@ -263,6 +263,9 @@ def test_add_noise(tmp_path, config):
     for cls in (D.DDIM, D.PNDM, D.DPMSolver):
         assert maxdiff(cls.from_pretrained(folder).add_noise(x0, noise, t), want) <= 1e-6
     assert maxdiff(D.DDIM.from_pretrained(folder).add_noise(x0, noise, 500), ref.add_noise(x0, noise, t[1:2])) <= 1e-6
+    # the training target: the noise, or diffusers' get_velocity for a v-prediction config
+    want = ref.get_velocity(x0, noise, t) if config.get("prediction_type") == "v_prediction" else noise
+    assert maxdiff(D.DDIM.from_pretrained(folder).target(x0, noise, t), want) <= 1e-6
 
 
 # ---- full pipelines against diffusers' own, same tiny components, same initial latents
