@@ -888,7 +888,9 @@ def build_backbones(cfg, files):
     else:
         logs = [lane(cfg, files, folder, 0) for lane in lanes]
     log = {k: v for lg in logs for k, v in lg.items()}
-    write_manifest(folder, toy_config(log.pop("vocab_size")), BACKBONE_FILES)
+    from llm import LLaMAConfig
+    vocab_size = LLaMAConfig.from_hf(os.path.join(folder, "llama", "config.json")).vocab_size  # its tokenizer's
+    write_manifest(folder, toy_config(vocab_size), BACKBONE_FILES)
     log["seconds"] = round(time.time() - t0)
     dump(os.path.join(folder, "losses.json"), log)
     return log
@@ -904,8 +906,7 @@ def lane_start(cfg, position):
 def understanding_lane(cfg, files, folder, position):
     lane_start(cfg, position)
     log = {}
-    lm = train_llm(cfg, os.path.join(folder, "llama"), log)
-    log["vocab_size"] = lm.config.vocab_size
+    train_llm(cfg, os.path.join(folder, "llama"), log)
     ib = train_imagebind(cfg, files, log)
     save_safetensors(ib, os.path.join(folder, "imagebind.safetensors"))
     del ib
