@@ -1112,8 +1112,8 @@ def probe_video(cfg, ckpt, per_class=2):
              "opposite": [video_caption(c, s, opposite[m]) for c, s, m in rows], "unconditional": [""] * len(rows)}
     conds = {k: d.embed_text(v) for k, v in conds.items()}  # (N, 77, D) each
     g = torch.Generator().manual_seed(cfg.seed)
-    print(f"{os.path.relpath(d.folder)}: mean denoising loss on {len(rows)} fresh clips\n| t | " + " | ".join(conds) + " |")
-    print("| --- " * (len(conds) + 1) + "|")
+    print(f"{os.path.relpath(d.folder)}: mean denoising loss on {len(rows)} fresh clips")
+    print("| t | " + " | ".join(conds) + " |\n" + "| --- " * (len(conds) + 1) + "|")
     table = {}
     with torch.no_grad():
         for t in (50, 200, 400, 600, 800, 950):
