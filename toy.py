@@ -637,6 +637,16 @@ def latents(vae, x):
         return torch.cat([vae.encode(x[i:i + 64])[0] for i in range(0, len(x), 64)]) * vae.cfg.scaling_factor
 
 
+def pixels(a):
+    """uint8 media (..., H, W, 3) -> what the VAE reads: float in [-1, 1], (..., 3, H, W)."""
+    return a.float().div(127.5).sub(1).movedim(-1, -3)
+
+
+def video_latents(vae, clips):
+    """uint8 clips (N, F, H, W, 3) -> latents (N, 4, F, h, w): every frame through the image VAE, as Zeroscope does."""
+    return latents(vae, pixels(clips).flatten(0, 1)).unflatten(0, clips.shape[:2]).transpose(1, 2)
+
+
 DDIM_CONFIG = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_schedule="scaled_linear",
                    beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False, steps_offset=1, clip_sample=False)
 
@@ -925,16 +935,13 @@ def picture_lane(cfg, files, folder, position):
     # images and videos share one VAE (Zeroscope uses Stable Diffusion's too)
     img = torch.stack([torch.from_numpy(read_media("image", p)) for p, _ in files["image"]])
     vid = torch.stack([torch.from_numpy(read_media("video", p)) for p, _ in files["video"]])  # (N, F, H, W, 3)
-    # uint8 (..., H, W, 3) -> [-1, 1] (..., 3, H, W)
-    to_x = lambda a: a.float().div(127.5).sub(1).movedim(-1, -3)  # noqa: E731
-    frames = to_x(vid).flatten(0, 1)  # (N * F, 3, H, W)
-    vae = train_vae(cfg, torch.cat([to_x(img), frames[::2]]), cfg.vae_steps, "image vae", log,
+    frames = pixels(vid).flatten(0, 1)  # (N * F, 3, H, W)
+    vae = train_vae(cfg, torch.cat([pixels(img), frames[::2]]), cfg.vae_steps, "image vae", log,
                     salient=lambda x: F.max_pool2d((x.amax(1, keepdim=True) > -0.6).float(), 3, 1, 1) > 0)
-    unet, enc = train_unet(cfg, "image", *new_unet(cfg, "image"), latents(vae, to_x(img)),
+    unet, enc = train_unet(cfg, "image", *new_unet(cfg, "image"), latents(vae, pixels(img)),
                            [c for _, c in files["image"]], cfg.unet_steps, log)
     save_decoder(os.path.join(folder, "image"), "image", unet, vae, enc)
-    zv = latents(vae, frames).view(len(vid), FRAMES, 4, 8, 8).transpose(1, 2)  # (N, 4, F, 8, 8)
-    video, _ = train_unet(cfg, "video", inflate(cfg, unet), enc, zv, [c for _, c in files["video"]],
+    video, _ = train_unet(cfg, "video", inflate(cfg, unet), enc, video_latents(vae, vid), [c for _, c in files["video"]],
                           cfg.video_steps, log, train_text=False)
     save_decoder(os.path.join(folder, "video"), "video", video, vae, enc)  # the image decoder's text encoder
     waves = torch.stack([torch.from_numpy(read_media("audio", p)) for p, _ in files["audio"]])
@@ -1099,15 +1106,12 @@ def probe_video(cfg, ckpt, per_class=2):
     (the unconditional one). A decoder that ties the motion to the caption has a clearly lower loss with the true
     caption than with the opposite one. -> {t: {"true": loss, "opposite": loss, "unconditional": loss}}
     """
-    import decoders as dec
-    with open(os.path.join(ckpt, "nextgpt.json")) as f:  # the manifest says where the video decoder is
-        d = dec.load_video_decoder(os.path.join(ckpt, json.load(f)["files"]["video"]), torch.float32, "cpu")
+    from nextgpt import NextGPT
+    d = NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu", decoders=("video",)).decoder("video")
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
     rng = random.Random(cfg.seed + 2000)
     rows = [(c, s, m) for c in COLORS for s in SHAPES for m in MOTIONS] * per_class
-    clips = torch.from_numpy(np.stack([make_video(rng, *r) for r in rows]))  # (N, F, H, W, 3) uint8
-    frames = clips.float().div(127.5).sub(1).movedim(-1, -3).flatten(0, 1)  # (N * F, 3, H, W) in [-1, 1]
-    z0 = latents(d.vae, frames).unflatten(0, (len(rows), FRAMES)).transpose(1, 2)  # (N, 4, F, h, w)
+    z0 = video_latents(d.vae, torch.from_numpy(np.stack([make_video(rng, *r) for r in rows])))  # (N, 4, F, h, w)
     conds = {"true": [video_caption(*r) for r in rows],
              "opposite": [video_caption(c, s, opposite[m]) for c, s, m in rows], "unconditional": [""] * len(rows)}
     conds = {k: d.embed_text(v) for k, v in conds.items()}  # (N, 77, D) each
