@@ -102,7 +102,8 @@ def bench_llama_load_memory():
                 raise RuntimeError(out.stderr)
             grown[who] = int(out.stdout.strip().splitlines()[-1])
     return [dict(name=f"llama from_pretrained peak memory, {size / 2**30:.2f} GiB safetensors",
-                 ours=grown["ours"] / size, ref=grown["transformers"] / size, ratio=grown["transformers"] / grown["ours"],
+                 ours=grown["ours"] / size, ref=grown["transformers"] / size,
+                 ratio=grown["transformers"] / grown["ours"],
                  unit="x file", extra=f"{grown['ours'] / 2**20:.0f} MiB vs {grown['transformers'] / 2**20:.0f} MiB")]
 
 
@@ -125,7 +126,8 @@ def bench_imagebind(repeats=5, width=512, layers=12, heads=8, batch=8):
                         output_dim=cfg.out_dim)
     for p in ours.parameters():  # random LayerNorms and biases too, so the agreement check means something
         p.add_(torch.randn_like(p) * 0.02)
-    pre, trunk, head = (getattr(ours, n).vision for n in ("modality_preprocessors", "modality_trunks", "modality_heads"))
+    pre, trunk, head = (getattr(ours, n).vision
+                        for n in ("modality_preprocessors", "modality_trunks", "modality_heads"))
     w = pre.rgbt_stem.proj[1].weight  # (D, 3, 2, 14, 14)
     sd = {"conv1.weight": w[:, :, 0] + w[:, :, 1], "class_embedding": pre.cls_token[0, 0],
           "positional_embedding": pre.pos_embedding_helper.pos_embed[0],

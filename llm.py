@@ -229,8 +229,8 @@ class LLaMA(nn.Module):
         by weights.place's rules (strict, meta-device build, one copy). dtype None means float32, as transformers."""
         if not os.path.isdir(folder):
             raise FileNotFoundError(
-                f"LLaMA / Vicuna folder not found: {folder}. NExT-GPT's released weights need Vicuna-7B v0 in HF format "
-                f"(LLaMA-1 7B with lmsys/vicuna-7b-delta-v0 applied; see README.md, 'Weights').")
+                f"LLaMA / Vicuna folder not found: {folder}. NExT-GPT's released weights need Vicuna-7B v0 in HF "
+                f"format (LLaMA-1 7B with lmsys/vicuna-7b-delta-v0 applied; see README.md, 'Weights').")
         cfg = LLaMAConfig.from_hf(os.path.join(folder, "config.json"))
         sd = weights.load_folder(folder, stems=("model", "pytorch_model"), dtype=dtype or torch.float32, device=device)
         # older transformers saved the computed rotary buffers (model.rotary_emb. or per layer): recomputed here

@@ -36,7 +36,8 @@ LOADERS = {"image": load_image, "video": load_video, "audio": load_audio}  # a f
 
 
 def added_tokens(n_image=4, n_video=24, n_audio=8):
-    """The 38 tokens NExT-GPT adds, in the official order: ids 32000.. for <Img>, </Img>, [IMG0..3], [VID0..23], [AUD0..7]."""
+    """The 38 tokens NExT-GPT adds, in the official order: ids 32000.. for <Img>, </Img>, [IMG0..3], [VID0..23],
+    [AUD0..7]."""
     return (["<Img>", "</Img>"] + [f"[IMG{i}]" for i in range(n_image)] + [f"[VID{i}]" for i in range(n_video)]
             + [f"[AUD{i}]" for i in range(n_audio)])
 
@@ -153,10 +154,12 @@ class OutputProjector(nn.Module):
         self.fc = nn.Linear(in_dim, hidden)
         self.tfm = nn.Module()
         self.tfm.encoder = nn.Module()
-        self.tfm.encoder.layers = nn.ModuleList(TransformerLayer(hidden, heads, 4 * hidden, False) for _ in range(layers))
+        self.tfm.encoder.layers = nn.ModuleList(
+            TransformerLayer(hidden, heads, 4 * hidden, False) for _ in range(layers))
         self.tfm.encoder.norm = nn.LayerNorm(hidden)
         self.tfm.decoder = nn.Module()
-        self.tfm.decoder.layers = nn.ModuleList(TransformerLayer(hidden, heads, 4 * hidden, True) for _ in range(layers))
+        self.tfm.decoder.layers = nn.ModuleList(
+            TransformerLayer(hidden, heads, 4 * hidden, True) for _ in range(layers))
         self.tfm.decoder.norm = nn.LayerNorm(hidden)
         self.model = nn.Linear(hidden, out_dim)
         self.query_embs = nn.Parameter(torch.randn(1, num_output_tokens, hidden))
@@ -267,7 +270,8 @@ class AssignAttention(nn.Module):
 
 
 class GroupingBlock(nn.Module):
-    """group.GroupingBlock: S1 group tokens -> S2 groups, then every token is assigned to one group and merged into it."""
+    """group.GroupingBlock: S1 group tokens -> S2 groups, then every token is assigned to one group and merged into
+    it."""
 
     def __init__(self, dim, heads, num_group_token, num_output_group):
         super().__init__()
@@ -359,8 +363,8 @@ class NextGPT(nn.Module):
         self.llm = llm_model if llm_model is not None else LLaMA(c.llm)
         self.tokenizer = tokenizer
         if tokenizer is not None and len(tokenizer) != c.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens with its added ones, the model {c.vocab_size}: "
-                             f"is tokenizer.model the LLM's, with NextGPTConfig.added_tokens added?")
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens with its added ones, the model "
+                             f"{c.vocab_size}: is tokenizer.model the LLM's, with NextGPTConfig.added_tokens added?")
         if self.llm.lm_head.out_features == c.llm.vocab_size:  # a base LLM: add the rows of the 38 new tokens
             resize_vocab(self.llm, c.vocab_size)
         D = c.llm.dim
@@ -397,7 +401,7 @@ class NextGPT(nn.Module):
     def device(self):
         return self.llm.lm_head.weight.device
 
-    # -- input side ------------------------------------------------------------------------------------------------------
+    # -- input side ----------------------------------------------------------------------------------------------------
     def encode(self, modality, x):
         """
         Official ImageBind input tensors -> LLM tokens. x: image (B, 3, 224, 224), video (B, 15, 3, 2, 224, 224),
@@ -472,7 +476,7 @@ class NextGPT(nn.Module):
         embeds = torch.cat([p.to(dtype) for p in parts])[None]  # (1, T, D)
         return (embeds, torch.tensor(targets)) if labels else embeds
 
-    # -- output side -----------------------------------------------------------------------------------------------------
+    # -- output side ---------------------------------------------------------------------------------------------------
     def project_signal(self, modality, hidden):
         """Hidden states of a run of signal tokens (B, N, D) -> the decoder's conditioning (B, Q, W)."""
         ids = torch.tensor(self.signal_ids(modality), device=hidden.device)
@@ -494,7 +498,7 @@ class NextGPT(nn.Module):
             self._uncond[modality] = self.decoder(modality).embed_text([""]).to(self.device)
         return self._uncond[modality]
 
-    # -- generation ------------------------------------------------------------------------------------------------------
+    # -- generation ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reply(self, embeds, max_new_tokens=246, temperature=0.0, top_p=1.0, want=(), generator=None, choose=None):
         """
@@ -603,7 +607,7 @@ class NextGPT(nn.Module):
             out[modality].append(result[0].float().cpu())
         return out
 
-    # -- weights ---------------------------------------------------------------------------------------------------------
+    # -- weights -------------------------------------------------------------------------------------------------------
     def load_delta(self, path_or_state_dict):
         """
         The official delta (7b_tiva_v0/pytorch_model.pt): every tensor placed through an explicit rename, every shape

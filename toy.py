@@ -941,8 +941,8 @@ def picture_lane(cfg, files, folder, position):
     unet, enc = train_unet(cfg, "image", *new_unet(cfg, "image"), latents(vae, pixels(img)),
                            [c for _, c in files["image"]], cfg.unet_steps, log)
     save_decoder(os.path.join(folder, "image"), "image", unet, vae, enc)
-    video, _ = train_unet(cfg, "video", inflate(cfg, unet), enc, video_latents(vae, vid), [c for _, c in files["video"]],
-                          cfg.video_steps, log, train_text=False)
+    video, _ = train_unet(cfg, "video", inflate(cfg, unet), enc, video_latents(vae, vid),
+                          [c for _, c in files["video"]], cfg.video_steps, log, train_text=False)
     save_decoder(os.path.join(folder, "video"), "video", video, vae, enc)  # the image decoder's text encoder
     waves = torch.stack([torch.from_numpy(read_media("audio", p)) for p, _ in files["audio"]])
     voc = train_vocoder(cfg, waves, torch.stack([log_mel(w) for w in waves]), log)
