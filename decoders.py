@@ -233,8 +233,11 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """diffusers BasicTransformerBlock (layer_norm type): self-attention, cross-attention, GEGLU feed-forward."""
 
-    def __init__(self, dim, heads, head_dim, context_dim=None):
+    def __init__(self, dim, heads, head_dim, context_dim=None, positions=0):
         super().__init__()
+        # positions > 0: sinusoidal positions added to both attentions' inputs (diffusers' positional_embeddings=
+        # "sinusoidal", as in AnimateDiff's motion modules); a buffer, not a weight. Zeroscope's blocks have none
+        self.register_buffer("pe", sinusoidal_positions(positions, dim) if positions else None, persistent=False)
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, head_dim)
         self.norm2 = nn.LayerNorm(dim)
@@ -243,9 +246,21 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x, context=None):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        pe = 0
+        if self.pe is not None:
+            if x.shape[1] > len(self.pe):
+                raise ValueError(f"{x.shape[1]} frames, but this UNet has positions for {len(self.pe)} at most")
+            pe = self.pe[:x.shape[1]]  # (T, dim)
+        x = x + self.attn1(self.norm1(x) + pe)
+        x = x + self.attn2(self.norm2(x) + pe, context)
         return x + self.ff(self.norm3(x))
+
+
+def sinusoidal_positions(n, dim):
+    """(n, dim): position p at sin(p w_i) (even channels) and cos(p w_i) (odd), w_i = 10000^(-2i / dim)."""
+    w = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+    angles = torch.arange(n)[:, None] * w  # (n, dim / 2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
 
 
 class SpatialTransformer(nn.Module):
@@ -285,12 +300,12 @@ class TemporalTransformer(nn.Module):
     second self-attention (double_self_attention), never cross-attention.
     """
 
-    def __init__(self, c, heads, head_dim, groups):
+    def __init__(self, c, heads, head_dim, groups, positions=0):
         super().__init__()
         inner = heads * head_dim
         self.norm = nn.GroupNorm(groups, c, eps=1e-6)
         self.proj_in = nn.Linear(c, inner)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim)])
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, positions=positions)])
         self.proj_out = nn.Linear(inner, c)
 
     def forward(self, x, frames):
@@ -357,6 +372,10 @@ class UNetConfig(_Config):
     projection_class_embeddings_input_dim: int = None
     class_embeddings_concat: bool = False  # AudioLDM: [temb, class emb] -> every resnet sees 8C
     video: bool = False  # UNet3DConditionModel
+    # not in diffusers' UNet3DConditionModel (0 for Zeroscope): > 0 gives the temporal attentions sinusoidal frame
+    # positions, up to this many frames. Without them only the temporal convs' zero padding tells the first frame from
+    # the last, which a small video UNet does not learn (README, "text -> video")
+    temporal_positions: int = 0
 
     @classmethod
     def from_json(cls, path):
@@ -422,7 +441,8 @@ class UNetBlock(nn.Module):
             self.attentions = nn.ModuleList([SpatialTransformer(c_out, heads, head_dim, context_dim, g,
                                                                 cfg.use_linear_projection) for _ in range(layers)])
             self.temp_attentions = nn.ModuleList(
-                [TemporalTransformer(c_out, heads, head_dim, g) for _ in range(layers)]) if video else None
+                [TemporalTransformer(c_out, heads, head_dim, g, cfg.temporal_positions) for _ in range(layers)]
+            ) if video else None
         else:
             self.attentions = self.temp_attentions = None
         self.downsamplers = nn.ModuleList([Downsample(c_out, cfg.downsample_padding)]) \
@@ -500,7 +520,8 @@ class UNet2D(nn.Module):
             raise NotImplementedError(f"class_embed_type {cfg.class_embed_type!r}")
         block_temb = temb_dim * 2 if cfg.class_embeddings_concat else temb_dim
         if video:  # Zeroscope: 8 heads x head_dim temporal attention right after conv_in
-            self.transformer_in = TemporalTransformer(ch[0], 8, head_cfg[0], cfg.norm_num_groups)
+            self.transformer_in = TemporalTransformer(ch[0], 8, head_cfg[0], cfg.norm_num_groups,
+                                                      cfg.temporal_positions)
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
@@ -1111,6 +1132,8 @@ class Sampler:
             betas = torch.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, N, dtype=torch.float32) ** 2
         else:
             raise NotImplementedError(f"beta_schedule {c['beta_schedule']!r}")
+        if c.get("rescale_betas_zero_snr"):
+            betas = zero_terminal_snr(betas)
         if c["prediction_type"] not in ("epsilon", "v_prediction"):
             raise NotImplementedError(f"prediction_type {c['prediction_type']!r}")
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # abar_t, (N,)
@@ -1166,10 +1189,23 @@ class Sampler:
         return abar ** 0.5 * x - (1 - abar) ** 0.5 * out, abar ** 0.5 * out + (1 - abar) ** 0.5 * x  # v
 
 
+def zero_terminal_snr(betas):
+    """
+    Lin et al. 2024 (diffusers rescale_zero_terminal_snr): shift and scale sqrt(abar) so that abar is 0 at the last
+    timestep (pure noise, as sampling starts) and unchanged at the first. Without it abar_T > 0, and at high noise a
+    model learns to read the image from what is left of it in x_T, which pure noise does not have.
+    """
+    s = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    s0, sT = s[0].clone(), s[-1].clone()
+    abar = ((s - sT) * s0 / (s0 - sT)) ** 2
+    return 1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+
+
 class DDIM(Sampler):
     """diffusers DDIMScheduler with eta = 0 (Zeroscope's and AudioLDM's default)."""
-    defaults = {**Sampler.defaults, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True}
-    fixed = {"thresholding": False, "rescale_betas_zero_snr": False}
+    defaults = {**Sampler.defaults, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
+                "rescale_betas_zero_snr": False}
+    fixed = {"thresholding": False}
 
     def set_timesteps(self, n, device=None):
         self.num_inference_steps = n

@@ -114,6 +114,30 @@ def test_unet3d(video_unet):
     assert maxdiff(got, want) <= 1e-4
 
 
+def test_temporal_positions():
+    """UNetConfig.temporal_positions: the temporal attention with diffusers' sinusoidal positional embeddings."""
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+    torch.manual_seed(0)
+    ref = TransformerTemporalModel(2, 8, in_channels=16, norm_num_groups=4, positional_embeddings="sinusoidal",
+                                   num_positional_embeddings=6).eval()
+    with torch.no_grad():
+        for p in ref.parameters():  # diffusers zeroes nothing here, but make every tensor count
+            p.add_(torch.randn_like(p) * 0.1)
+    ours = D.TemporalTransformer(16, 2, 8, 4, positions=6)
+    sd = {k: v for k, v in ref.state_dict().items() if not k.endswith("pos_embed.pe")}  # ours is not saved
+    ours.load_state_dict(sd, strict=True)
+    x = torch.randn(2 * 5, 16, 3, 3)  # (B * F, C, H, W), 5 frames of the 6 it has positions for
+    with torch.no_grad():
+        want = ref(x, num_frames=5).sample
+        got = ours(x, 5)
+        assert maxdiff(got, want) <= 1e-5
+        plain = D.TemporalTransformer(16, 2, 8, 4)  # the same weights without positions: Zeroscope's layer
+        plain.load_state_dict(sd)
+        assert maxdiff(plain(x, 5), got) > 1e-3  # the positions matter
+    with pytest.raises(ValueError, match="positions for 6"):
+        ours(torch.randn(7, 16, 3, 3), 7)
+
+
 def _old_attention_names(folder):
     """Rewrite a saved VAE with the pre-0.14 attention names (query/key/value/proj_attn), as older files have."""
     from safetensors.torch import load_file, save_file
@@ -216,6 +240,8 @@ SAMPLER_CASES = [
     ("DDIMScheduler", D.DDIM, {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}),  # clip_sample on
     ("DDIMScheduler", D.DDIM, {**ZEROSCOPE_SCHED, "timestep_spacing": "linspace"}),
     ("PNDMScheduler", D.PNDM, {**SD_SCHED, "timestep_spacing": "trailing", "beta_schedule": "linear"}),
+    ("DDIMScheduler", D.DDIM, {**ZEROSCOPE_SCHED, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                               "steps_offset": 0, "prediction_type": "v_prediction"}),  # the toy video decoder's
 ]
 
 
