@@ -236,8 +236,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim, heads, head_dim, context_dim=None, positions=0):
         super().__init__()
         # positions > 0: sinusoidal positions added to both attentions' inputs (diffusers' positional_embeddings=
-        # "sinusoidal", as in AnimateDiff's motion modules); a buffer, not a weight. Zeroscope's blocks have none
-        self.register_buffer("pe", sinusoidal_positions(positions, dim) if positions else None, persistent=False)
+        # "sinusoidal", as in AnimateDiff's motion modules), computed in forward: no weights. Zeroscope has none
+        self.positions = positions
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, head_dim)
         self.norm2 = nn.LayerNorm(dim)
@@ -247,10 +247,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, context=None):
         pe = 0
-        if self.pe is not None:
-            if x.shape[1] > len(self.pe):
-                raise ValueError(f"{x.shape[1]} frames, but this UNet has positions for {len(self.pe)} at most")
-            pe = self.pe[:x.shape[1]]  # (T, dim)
+        if self.positions:
+            if x.shape[1] > self.positions:
+                raise ValueError(f"{x.shape[1]} frames, but this UNet has positions for {self.positions} at most")
+            pe = sinusoidal_positions(x.shape[1], x.shape[-1]).to(x)  # (T, dim)
         x = x + self.attn1(self.norm1(x) + pe)
         x = x + self.attn2(self.norm2(x) + pe, context)
         return x + self.ff(self.norm3(x))

@@ -138,6 +138,28 @@ def test_temporal_positions():
         ours(torch.randn(7, 16, 3, 3), 7)
 
 
+def test_unet3d_temporal_positions_load(tmp_path):
+    """A UNet3D with temporal_positions saves and loads through from_pretrained (meta-device build, strict)."""
+    from dataclasses import asdict, replace
+    from safetensors.torch import save_file
+    cfg = replace(D.UNET_PRESETS["tiny"], video=True, attention_head_dim=8, use_linear_projection=True,
+                  temporal_positions=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                  up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+    torch.manual_seed(0)
+    model = D.UNet3D(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the zero-initialised output layers too
+            p.add_(torch.randn_like(p) * 0.05)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"_class_name": "UNet3DConditionModel", **{k: v for k, v in asdict(cfg).items() if k != "video"}}))
+    save_file(model.state_dict(), str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    loaded = D.UNet3D.from_pretrained(str(tmp_path))
+    assert loaded.cfg.temporal_positions == 4
+    x, ctx = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        assert maxdiff(loaded(x, 10, ctx), model(x, 10, ctx)) <= 1e-5
+
+
 def _old_attention_names(folder):
     """Rewrite a saved VAE with the pre-0.14 attention names (query/key/value/proj_attn), as older files have."""
     from safetensors.torch import load_file, save_file
