@@ -121,7 +121,7 @@ def test_temporal_positions():
     ref = TransformerTemporalModel(2, 8, in_channels=16, norm_num_groups=4, positional_embeddings="sinusoidal",
                                    num_positional_embeddings=6).eval()
     with torch.no_grad():
-        for p in ref.parameters():  # diffusers zeroes nothing here, but make every tensor count
+        for p in ref.parameters():  # LayerNorms start at 1 and 0: nudge every tensor so that each one counts
             p.add_(torch.randn_like(p) * 0.1)
     ours = D.TemporalTransformer(16, 2, 8, 4, positions=6)
     sd = {k: v for k, v in ref.state_dict().items() if not k.endswith("pos_embed.pe")}  # ours is not saved
@@ -263,7 +263,7 @@ SAMPLER_CASES = [
     ("DDIMScheduler", D.DDIM, {**ZEROSCOPE_SCHED, "timestep_spacing": "linspace"}),
     ("PNDMScheduler", D.PNDM, {**SD_SCHED, "timestep_spacing": "trailing", "beta_schedule": "linear"}),
     ("DDIMScheduler", D.DDIM, {**ZEROSCOPE_SCHED, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
-                               "steps_offset": 0, "prediction_type": "v_prediction"}),  # the toy video decoder's
+                               "steps_offset": 0, "prediction_type": "v_prediction"}),  # zero terminal SNR
 ]
 
 
