@@ -250,16 +250,16 @@ class TransformerBlock(nn.Module):
         if self.positions:
             if x.shape[1] > self.positions:
                 raise ValueError(f"{x.shape[1]} frames, but this UNet has positions for {self.positions} at most")
-            pe = sinusoidal_positions(x.shape[1], x.shape[-1]).to(x)  # (T, dim)
+            pe = sinusoidal_positions(x.shape[1], x.shape[-1], x.device).to(x.dtype)  # (T, dim), made in place
         x = x + self.attn1(self.norm1(x) + pe)
         x = x + self.attn2(self.norm2(x) + pe, context)
         return x + self.ff(self.norm3(x))
 
 
-def sinusoidal_positions(n, dim):
-    """(n, dim): position p at sin(p w_i) (even channels) and cos(p w_i) (odd), w_i = 10000^(-2i / dim)."""
-    w = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
-    angles = torch.arange(n)[:, None] * w  # (n, dim / 2)
+def sinusoidal_positions(n, dim, device=None):
+    """(n, dim) fp32: position p at sin(p w_i) (even channels) and cos(p w_i) (odd), w_i = 10000^(-2i / dim)."""
+    w = torch.exp(torch.arange(0, dim, 2, device=device) * (-math.log(10000.0) / dim))
+    angles = torch.arange(n, device=device)[:, None] * w  # (n, dim / 2)
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
 
 
