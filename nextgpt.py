@@ -571,6 +571,8 @@ class NextGPT(nn.Module):
         """
         Any-to-any: prompt text plus inputs (file paths or official ImageBind tensors) -> dict(text, tokens,
         image=[(3, H, W)], video=[(F, 3, H, W)], audio=[(samples,)]) with pixels in [0, 1] and 16 kHz audio.
+        guidance: one classifier-free guidance scale, or {modality: scale} (the official code has one per decoder,
+        guidance_scale_for_img / _vid / _aud).
 
         official_inference (default: the config's) reproduces the official inference code: the prompt ends at
         "### Assistant:" without the space training put there, and the projector reads the hidden states one position
@@ -600,7 +602,8 @@ class NextGPT(nn.Module):
             decoder = self.decoder(modality)
             if self.offload:
                 decoder.to(self.device)
-            result = decoder.generate(cond, self.uncond(modality), steps=steps, guidance=guidance, generator=g,
+            scale = guidance[modality] if isinstance(guidance, dict) else guidance
+            result = decoder.generate(cond, self.uncond(modality), steps=steps, guidance=scale, generator=g,
                                       progress=progress, **kw)
             if self.offload:
                 decoder.to("cpu")
