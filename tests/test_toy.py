@@ -118,12 +118,39 @@ def test_inflated_video_unet_starts_as_the_image_unet():
     assert len(outs) == 16 and all(p.grad.abs().max() > 0 for p in outs.values())
 
 
+def test_motion_text_encoder_puts_the_direction_after_the_caption():
+    """motion_text_encoder(): after the caption (EOT and padding), captions that differ only in their direction end
+    far apart, those that differ only in color no further than before; the tokens up to the caption's last letter
+    and the empty caption (classifier-free guidance's) move far less than the code (measured: 16 apart between
+    directions, 0.02 between colors; 1.8 moved before the EOT, 2.5 for the empty caption)."""
+    import torch
+    image_enc = toy.text_encoder("image").eval()
+    caps = ["a red circle moving left", "a red circle moving up", "a blue circle moving left"]
+    enc = toy.motion_text_encoder(toy.ToyConfig(motion_text_steps=200), image_enc, caps, {})
+    ids = toy.clip_tokenizer(pad_id="eot")(caps + [""])
+    with torch.no_grad():
+        before, after = image_enc(ids), enc(ids)  # (4, 77, W)
+    eot = (ids == ids[0, -1]).int().argmax(1)  # (4,)
+    e = int(eot[:3].max())
+
+    def gap(x, i, j):  # mean distance between two captions' tokens from the later EOT on
+        return float((x[i, e:] - x[j, e:]).norm(dim=-1).mean())
+    code = gap(after, 0, 1)  # left / up
+    assert code > 10 and code > 20 * gap(before, 0, 1)
+    assert gap(after, 0, 2) < gap(before, 0, 2) + 1.0  # red / blue, both moving left: the same code
+    for i in range(3):
+        assert float((after[i, :eot[i]] - before[i, :eot[i]]).norm(dim=-1).mean()) < code / 4
+    assert float((after[3] - before[3]).norm(dim=-1).mean()) < code / 4
+
+
 def test_video_probe_on_the_shipped_decoder():
-    """--probe-video's wiring: the caption's color and shape reach the shipped video UNet (the true caption's loss is
-    far below the unconditional one wherever the clip is not drowned in noise), and the opposite direction is a
-    different embedding, so equal losses there mean the UNet ignores the direction word (README, "text -> video")."""
+    """--probe-video on the shipped video decoder: the caption's color and shape reach the UNet (the true caption's
+    loss is far below the unconditional one wherever the clip is not drowned in noise), and so does its direction
+    (the same caption with the opposite direction costs clearly more at high noise, where the layout is decided;
+    the decoder shipped before the video text encoder's code had the two equal at every noise level)."""
     table = toy.probe_video(toy.ToyConfig(), toy.ASSETS, per_class=1)
     assert sorted(table) == [50, 200, 400, 600, 800, 950]
     for t in (50, 200, 400, 600):
-        assert table[t]["unconditional"] > 1.5 * table[t]["true"], table[t]
-    assert any(row["opposite"] != row["true"] for row in table.values())
+        assert table[t]["unconditional"] > 1.3 * table[t]["true"], table[t]
+    for t in (800, 950):  # measured (96 clips): 2.5x and 1.9x
+        assert table[t]["opposite"] > 1.5 * table[t]["true"], table[t]
