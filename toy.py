@@ -302,7 +302,7 @@ class ToyConfig:
     sample_steps: int = 20
     guidance: float = 3.0
     # the video decoder alone on the 48 video captions (20 steps): every attribute right for 45 at guidance 1.5, 36
-    # at 3, 31 at 5 (at 3 and up, the direction code's pull oversaturates color and shape)
+    # at 3, 31 at 5 (the direction code pulls hard: at 3 color and shape go wrong, at 5 the direction too)
     video_guidance: float = 1.5
 
     @classmethod
@@ -725,7 +725,7 @@ def motion_text_encoder(cfg, image_enc, captions, log):
     2.6 apart (measured), and the video UNet never tied the direction to the caption. Here those tokens learn to carry
     a code per direction, the same in every caption that says it and large beside the rest (as a big pretrained
     encoder's feature for a word is), on top of what they carried; every other token, and the empty caption of
-    classifier-free guidance, keep theirs (README, "text -> video").
+    classifier-free guidance, are held to theirs (README, "text -> video").
     """
     enc = copy.deepcopy(image_enc).train().requires_grad_(True)
     unique = sorted(set(captions))
@@ -737,7 +737,7 @@ def motion_text_encoder(cfg, image_enc, captions, log):
     after[-1] = False  # the empty caption
     g = torch.Generator().manual_seed(cfg.seed)
     code = 3.0 * torch.randn(len(MOTIONS), before.shape[-1], generator=g)  # (4, W), about 3x a token's norm
-    motion = torch.tensor([list(MOTIONS).index(parse_caption(c)["motion"]) for c in unique] + [0])
+    motion = torch.tensor([list(MOTIONS).index(parse_caption(c)["motion"]) for c in unique] + [0])  # "": no code
     target = before + after[..., None] * code[motion][:, None]  # (n + 1, 77, W)
     log["video text encoder"] = fit("video text encoder", cfg.motion_text_steps, enc.parameters(),
                                     lambda step: F.mse_loss(enc(ids), target), 5e-3)
