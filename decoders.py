@@ -257,10 +257,10 @@ class TransformerBlock(nn.Module):
 
 
 def sinusoidal_positions(n, dim, device=None):
-    """(n, dim) fp32: position p at sin(p w_i) (even channels) and cos(p w_i) (odd), w_i = 10000^(-2i / dim)."""
-    w = torch.exp(torch.arange(0, dim, 2, device=device) * (-math.log(10000.0) / dim))
-    angles = torch.arange(n, device=device)[:, None] * w  # (n, dim / 2)
-    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
+    """(n, dim) fp32, diffusers SinusoidalPositionalEmbedding: the timestep features of 0..n-1, their sines and
+    cosines interleaved (sin(p w_i) in channel 2i, cos(p w_i) in 2i + 1) instead of in two halves."""
+    emb = timestep_embedding(torch.arange(n, device=device), dim, flip_sin_to_cos=False)  # (n, [sin | cos])
+    return emb.view(n, 2, dim // 2).transpose(1, 2).flatten(1)
 
 
 class SpatialTransformer(nn.Module):
