@@ -98,6 +98,22 @@ def test_small_recipe_end_to_end(tmp_path):
     assert os.path.isfile(os.path.join(toy.latest(toy.ToyConfig.small(out=str(tmp_path)), 3), "nextgpt.json"))
 
 
+def test_eval_draws_a_noise_per_prompt(tmp_path, monkeypatch):
+    """--eval: every prompt starts from its own noise (one shared seed made each task's score one draw of noise)."""
+    import nextgpt
+    seeds = []
+
+    class Fake:
+        def generate(self, prompt, seed=0, **kw):
+            seeds.append(seed)
+            return {"text": "", "image": [], "video": [], "audio": []}
+    monkeypatch.setattr(nextgpt.NextGPT, "from_pretrained", classmethod(lambda cls, *a, **kw: Fake()))
+    cfg = toy.ToyConfig.small(out=str(tmp_path), eval_n=2, eval_seed=100)
+    acc = toy.evaluate(cfg, "unused")
+    assert seeds == list(range(100, 100 + 2 * len(toy.TASKS)))
+    assert set(acc.values()) == {0.0}  # no output, no reply: nothing counts
+
+
 def test_inflated_video_unet_starts_as_the_image_unet():
     """inflate(): at step 0 the video UNet draws every frame exactly as the image UNet it comes from."""
     import torch
