@@ -412,6 +412,7 @@ def write_world(cfg):
 
 
 def dump(path, obj):
+    """JSON, indented; the folder made if missing."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
@@ -873,8 +874,7 @@ def clap_official_name(k):
 
 def save_vocoder(folder, vocoder):
     """AudioLDM's vocoder/ (transformers SpeechT5HifiGan)."""
-    dump_dir(os.path.join(folder, "vocoder", "config.json"), {"architectures": ["SpeechT5HifiGan"],
-                                                               **asdict(vocoder.cfg)})
+    dump(os.path.join(folder, "vocoder", "config.json"), {"architectures": ["SpeechT5HifiGan"], **asdict(vocoder.cfg)})
     save_safetensors(vocoder, os.path.join(folder, "vocoder", "model.safetensors"))
 
 
@@ -882,34 +882,28 @@ def save_decoder(folder, kind, unet, vae, enc):
     """A diffusers pipeline folder: unet/ vae/ scheduler/ text_encoder/ tokenizer/, the official names."""
     sub = lambda *p: os.path.join(folder, *p)  # noqa: E731
     c = {k: v for k, v in asdict(unet.cfg).items() if k != "video"}
-    dump_dir(sub("unet", "config.json"), {"_class_name": "UNet3DConditionModel" if unet.cfg.video
-                                         else "UNet2DConditionModel", **c})
+    dump(sub("unet", "config.json"), {"_class_name": "UNet3DConditionModel" if unet.cfg.video
+                                     else "UNet2DConditionModel", **c})
     save_safetensors(unet, sub("unet", "diffusion_pytorch_model.safetensors"))
     n = len(vae.cfg.block_out_channels)
-    dump_dir(sub("vae", "config.json"), {"_class_name": "AutoencoderKL", **asdict(vae.cfg),
-                                        "down_block_types": ["DownEncoderBlock2D"] * n,
-                                        "up_block_types": ["UpDecoderBlock2D"] * n})
+    dump(sub("vae", "config.json"), {"_class_name": "AutoencoderKL", **asdict(vae.cfg),
+                                    "down_block_types": ["DownEncoderBlock2D"] * n,
+                                    "up_block_types": ["UpDecoderBlock2D"] * n})
     save_safetensors(vae, sub("vae", "diffusion_pytorch_model.safetensors"))
-    dump_dir(sub("scheduler", "scheduler_config.json"), VIDEO_DDIM_CONFIG if kind == "video" else DDIM_CONFIG)
+    dump(sub("scheduler", "scheduler_config.json"), VIDEO_DDIM_CONFIG if kind == "video" else DDIM_CONFIG)
     if kind == "audio":
-        dump_dir(sub("text_encoder", "config.json"), {"architectures": ["ClapTextModelWithProjection"],
-                                                     **asdict(enc.cfg)})
+        dump(sub("text_encoder", "config.json"), {"architectures": ["ClapTextModelWithProjection"], **asdict(enc.cfg)})
         save_safetensors(enc, sub("text_encoder", "model.safetensors"), clap_official_name)
         vocab, special = char_vocab("roberta"), {"tokenizer_config.json": {"model_max_length": 32}}
     else:
-        dump_dir(sub("text_encoder", "config.json"), {"architectures": ["CLIPTextModel"], **asdict(enc.cfg)})
+        dump(sub("text_encoder", "config.json"), {"architectures": ["CLIPTextModel"], **asdict(enc.cfg)})
         save_safetensors(enc, sub("text_encoder", "model.safetensors"), lambda k: "text_model." + k)
         vocab, special = char_vocab("clip"), {"special_tokens_map.json": {"pad_token": "<|endoftext|>"}}
-    dump_dir(sub("tokenizer", "vocab.json"), {t: i for i, t in enumerate(vocab)})
+    dump(sub("tokenizer", "vocab.json"), {t: i for i, t in enumerate(vocab)})
     with open(sub("tokenizer", "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")  # no merges: one token per byte
     for name, obj in special.items():
-        dump_dir(sub("tokenizer", name), obj)
-
-
-def dump_dir(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    dump(path, obj)
+        dump(sub("tokenizer", name), obj)
 
 
 def toy_config(vocab_size):
