@@ -166,7 +166,7 @@ def test_video_probe_on_the_shipped_decoder():
     the decoder shipped before the video text encoder's code had the two equal at every noise level)."""
     table = toy.probe_video(toy.ToyConfig(), toy.ASSETS, per_class=1)
     assert sorted(table) == [50, 200, 400, 600, 800, 950]
-    for t in (50, 200, 400, 600):
-        assert table[t]["unconditional"] > 1.3 * table[t]["true"], table[t]
-    for t in (800, 950):  # measured (96 clips): 2.5x and 1.9x
+    for t in (50, 200, 400, 600):  # measured (48 clips): 1.62x, 2.01x, 2.31x, 2.27x
+        assert table[t]["unconditional"] > 1.5 * table[t]["true"], table[t]
+    for t in (800, 950):  # measured (48 clips): 2.40x and 1.67x
         assert table[t]["opposite"] > 1.5 * table[t]["true"], table[t]
