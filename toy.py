@@ -287,7 +287,8 @@ class ToyConfig:
     unet_steps: int = 2500
     # from the image UNet (inflate): only the motion is left to learn. Measured: motion comes in 200 steps; the
     # direction, with frame positions, zero SNR, half of each batch at high noise and the video text encoder's code,
-    # in 1,200 (48/48). The decoder alone, all three right: 42/48 after 1,200 steps, 45/48 after 1,500 (guidance 1.5)
+    # in 1,200 (48/48). The decoder alone, all three right: 42/48 after 1,200 steps, 45/48 after 1,500 (guidance 1.5);
+    # 1,800 no better (128 of 144 clips, three noises per caption, as 1,500)
     video_steps: int = 1500
     motion_text_steps: int = 800
     audio_vae_steps: int = 600
@@ -305,7 +306,8 @@ class ToyConfig:
     sample_steps: int = 20
     guidance: float = 3.0
     # the video decoder alone on the 48 video captions (20 steps): every attribute right for 45 at guidance 1.5, 36
-    # at 3, 31 at 5 (the direction code pulls hard: at 3 color and shape go wrong, at 5 the direction too)
+    # at 3, 31 at 5 (the direction code pulls hard: at 3 color and shape go wrong, at 5 the direction too); with
+    # three noises per caption, 101, 128 and 125 of 144 at 1, 1.5 and 2
     video_guidance: float = 1.5
 
     @classmethod
