@@ -26,18 +26,17 @@ check (weights.place); the few renames (old VAE attention names, CLIP's text_mod
 each one explicit function below.
 """
 
-import functools
 import math
 import os
-import re
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchaudio
 
-from encoder import CLIPTokenizer, bpe_merge, bytes_to_unicode  # the project's one byte-level BPE
+from bpe import CLIPTokenizer, RobertaTokenizer
 from weights import CheckpointError, load_folder, place, read_json, still_on_meta
 
 DIFFUSERS_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
@@ -415,6 +414,12 @@ UNET_PRESETS = UNetConfig.PRESETS = {
                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
 }
+# the Zeroscope and AudioLDM layouts at the tiny size (nextgpt.tiny_random)
+UNET_PRESETS["tiny-video"] = replace(UNET_PRESETS["tiny"], video=True, attention_head_dim=8, use_linear_projection=True,
+                                     down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+UNET_PRESETS["tiny-audio"] = replace(UNET_PRESETS["tiny"], cross_attention_dim=(32, 64), class_embed_type="simple_projection",
+                                     projection_class_embeddings_input_dim=16, class_embeddings_concat=True)
 
 
 class UNetBlock(nn.Module):
@@ -632,6 +637,8 @@ VAE_PRESETS = VAEConfig.PRESETS = {
     "audioldm-l-full": VAEConfig(in_channels=1, out_channels=1, latent_channels=8, block_out_channels=(128, 256, 512),
                                  scaling_factor=0.9654927849769592),
     "tiny": VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
+    "tiny-audio": VAEConfig(in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                            norm_num_groups=8),
 }
 
 
@@ -1036,69 +1043,6 @@ class CLAPTextEncoder(nn.Module):
         return _load_model(cls, cfg, folder, dtype, device, TRANSFORMERS_STEMS, rename=_clap_rename)
 
 
-@functools.lru_cache(maxsize=None)
-def _gpt2_pattern():
-    # GPT-2's pre-tokenisation, written for the `regex` module:
-    #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-    # plain `re` has no \p{..}: the classes come from encoder.unicode_classes
-    from encoder import unicode_classes
-    L, N, S = unicode_classes()
-    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+")
-
-
-class RobertaTokenizer:
-    """
-    transformers RobertaTokenizer (byte-level BPE, AudioLDM's `tokenizer/`): texts -> (ids, attention_mask), each
-    `<s> tokens </s>` padded with <pad> to max_length (the AudioLDM pipeline pads to the tokenizer's maximum, 512).
-    """
-
-    def __init__(self, vocab, merges, max_length=512):
-        self.encoder = vocab
-        self.bpe_ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
-        self.byte_encoder = bytes_to_unicode()
-        self.bos, self.pad, self.eos, self.unk = vocab["<s>"], vocab["<pad>"], vocab["</s>"], vocab.get("<unk>", 3)
-        self.max_length = max_length
-        self.cache = {}
-
-    @classmethod
-    def from_folder(cls, folder, max_length=None):
-        """A transformers tokenizer folder: vocab.json, merges.txt (tokenizer_config.json's model_max_length)."""
-        vocab = read_json(os.path.join(folder, "vocab.json"))
-        path = os.path.join(folder, "merges.txt")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer merges not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            merges = [ln for ln in f.read().split("\n") if ln and not ln.startswith("#version")]
-        conf = os.path.join(folder, "tokenizer_config.json")
-        if max_length is None and os.path.isfile(conf):
-            max_length = read_json(conf).get("model_max_length")
-        # transformers writes a huge sentinel when no maximum is known; RoBERTa's is 512 (514 positions - 2)
-        return cls(vocab, merges, max_length if isinstance(max_length, int) and max_length < 100_000 else 512)
-
-    def bpe(self, word):
-        if word not in self.cache:
-            self.cache[word] = bpe_merge(list(word), self.bpe_ranks)
-        return self.cache[word]
-
-    def encode(self, text):
-        """Text -> BPE ids, without <s> / </s>."""
-        ids = []
-        for piece in _gpt2_pattern().findall(text):
-            word = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-            ids += [self.encoder.get(t, self.unk) for t in self.bpe(word)]
-        return ids
-
-    def __call__(self, texts, max_length=None):
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        L = max_length or self.max_length
-        ids = torch.full((len(texts), L), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(texts), L), dtype=torch.long)
-        for i, text in enumerate(texts):
-            row = [self.bos] + self.encode(text)[:L - 2] + [self.eos]  # truncation keeps </s>
-            ids[i, :len(row)] = torch.tensor(row)
-            mask[i, :len(row)] = 1
-        return ids, mask
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Samplers: diffusers' DDIMScheduler, PNDMScheduler (PLMS) and DPMSolverMultistepScheduler (DPM-Solver++ 2M), eta 0
@@ -1428,6 +1372,17 @@ def generate_video(unet, vae, sampler, cond, uncond=None, steps=50, guidance=7.5
     return (video.view(B, Fr, *video.shape[1:]) * 0.5 + 0.5).clamp(0, 1)  # (B, F, 3, H, W)
 
 
+def mel_spectrogram(wave, n_mels=64, hop=160, sample_rate=16000):
+    """AudioLDM's log-mel (n_fft = window = 1024 for hop 160, 0-8 kHz, Slaney mel scale, log of max(x, 1e-5)):
+    (samples,) -> (frames, n_mels), the layout its VAE and HiFi-GAN vocoder read."""
+    n_fft = 1024 * hop // 160
+    spec = torch.stft(wave, n_fft, hop, n_fft, torch.hann_window(n_fft), center=True, pad_mode="reflect",
+                      return_complex=True).abs()  # (n_fft/2 + 1, frames)
+    fb = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, 0.0, sample_rate / 2, n_mels, sample_rate,
+                                               norm="slaney", mel_scale="slaney")  # (freqs, n_mels)
+    return torch.log(torch.clamp(spec.T @ fb, min=1e-5))
+
+
 @torch.no_grad()
 def generate_audio(unet, vae, vocoder, sampler, cond, uncond=None, seconds=9.0, steps=50, guidance=7.5,
                    generator=None, latents=None, progress=True):
@@ -1457,10 +1412,11 @@ class Decoder:
     encoder and tokenizer only when embed_text is first called (NExT-GPT needs them for "" and for caption targets).
     """
 
-    def __init__(self, kind, folder, unet, vae, sampler, vocoder=None, dtype=None, device=None):
+    def __init__(self, kind, folder, unet, vae, sampler, vocoder=None, dtype=None, device=None, text_encoder=None,
+                 tokenizer=None):
         self.kind, self.folder, self.dtype, self.device = kind, folder, dtype, device
         self.unet, self.vae, self.sampler, self.vocoder = unet, vae, sampler, vocoder
-        self._text_encoder = self._tokenizer = None
+        self._text_encoder, self._tokenizer = text_encoder, tokenizer  # None: read from folder on first use
 
     @property
     def text_encoder(self):

@@ -15,28 +15,24 @@ Only the vision, audio and text branches exist here (NExT-GPT uses no depth, the
 are the checkpoint's key names, so loading is a strict placement through weights.py.
 """
 
-import functools
-import gzip
-import html
-import json
 import math
 import os
-import re
-import sys
-import unicodedata
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchaudio
+from PIL import Image
 
+import media
 import weights
+from bpe import DEFAULT_BPE, CLIPTokenizer
+from media import MediaError  # what the loaders raise for a file they cannot read
 
 CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
-BPE_URL = "https://github.com/facebookresearch/ImageBind/raw/main/imagebind/bpe/bpe_simple_vocab_16e6.txt.gz"
 DEFAULT_CHECKPOINT = os.path.join("checkpoints", "imagebind_huge.pth")
-DEFAULT_BPE = os.path.join("checkpoints", "bpe_simple_vocab_16e6.txt.gz")
 MODALITIES = ("vision", "audio", "text")
 OTHER_MODALITIES = ("depth", "thermal", "imu")  # in the checkpoint, unused by NExT-GPT: dropped on purpose
 
@@ -435,184 +431,7 @@ class ImageBind(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# CLIP BPE tokenizer (from scratch; open_clip / ImageBind SimpleTokenizer semantics)
-
-
-def bytes_to_unicode():
-    # every byte gets a printable unicode stand-in, so BPE works on strings without whitespace/control characters
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:  # the rest (space, control bytes, ...) go to 256, 257, ...
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def bpe_merge(parts, ranks):
-    """Byte-level BPE of one word: merge the lowest-ranked adjacent pair everywhere it occurs, until no known pair is
-    left. parts: the word's symbols; ranks: {(a, b): rank}. Shared by CLIPTokenizer and decoders.RobertaTokenizer."""
-    while len(parts) > 1:
-        pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, math.inf))
-        if pair not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(parts):
-            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == pair:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
-    return parts
-
-
-@functools.lru_cache(maxsize=None)
-def unicode_classes():
-    """
-    Bodies of regex character classes for \\p{L} (letters), \\p{N} (numbers) and \\s (Unicode White_Space) as the
-    `regex` module has them: plain `re` has no \\p{..}, so they are built once from unicodedata's categories (about a
-    second). Divergence left: Python's unicodedata may be an older Unicode version than `regex`'s, so letters added to
-    Unicode since count as "other" here. (re's own \\s would also count \\x1c-\\x1f.)
-    """
-    ranges = {"L": [], "N": []}
-    start = {"L": None, "N": None}
-    for i in range(sys.maxunicode + 2):
-        major = unicodedata.category(chr(i))[0] if i <= sys.maxunicode else ""
-        for cls in ("L", "N"):
-            if major == cls and start[cls] is None:
-                start[cls] = i
-            elif major != cls and start[cls] is not None:
-                a, b = start[cls], i - 1
-                ranges[cls].append(re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else ""))
-                start[cls] = None
-    S = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-    return "".join(ranges["L"]), "".join(ranges["N"]), S
-
-
-@functools.lru_cache(maxsize=None)
-def _pattern():
-    # The official pattern, written for the `regex` module:
-    #   <\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+
-    L, N, S = unicode_classes()
-    return re.compile(rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{S}{L}{N}]+",
-                      re.IGNORECASE)
-
-
-# the parts of ftfy.fix_text that matter for clean text; mojibake repair (fix_encoding) is not replicated
-_LIGATURES = dict(zip(map(ord, "ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬅﬆ"),
-                      "IJ ij ʼn DZ Dz dz DŽ Dž dž LJ Lj lj NJ Nj nj ff fi fl ffi ffl ſt st".split()))
-_WIDTH = {0x3000: " ", **{i: unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)}}  # full -> half
-_QUOTES = {**{i: "'" for i in (0x02BC, 0x2018, 0x2019, 0x201A, 0x201B)}, **{i: '"' for i in range(0x201C, 0x2020)}}
-_CONTROL = {i: None for i in [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
-                              *range(0xFFF9, 0xFFFD)]}
-_WHITESPACE = re.compile(r"[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
-
-
-def clean_text(text, style="clip"):
-    """
-    style "clip" (ImageBind, open_clip): ftfy.fix_text (its non-mojibake steps), html.unescape twice, whitespace
-    collapse, lower case. style "hf" (transformers' fast CLIPTokenizer, the default in transformers 5, which diffusers
-    pipelines call): NFC, whitespace collapse, lower case, no ftfy, no html unescaping. (transformers 4's slow
-    tokenizer ran ftfy, without unescaping.) The styles differ only on such characters: “quotes”, &amp;, ﬁ, ＦＵＬＬ.
-    """
-    if style == "hf":
-        return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip().lower()
-    if style != "clip":
-        raise ValueError(f"unknown cleaning style {style!r}: 'clip' or 'hf'")
-    text = text.replace("\r\n", "\n").translate(_LIGATURES).translate(_WIDTH).translate(_QUOTES).translate(_CONTROL)
-    text = unicodedata.normalize("NFC", text)
-    text = html.unescape(html.unescape(text)).strip()
-    return _WHITESPACE.sub(" ", text).strip().lower()
-
-
-class CLIPTokenizer:
-    """
-    multimodal_preprocessors.SimpleTokenizer (= open_clip's SimpleTokenizer = transformers' CLIPTokenizer ids):
-    byte-level BPE with `</w>` word ends. Read from the official bpe_simple_vocab_16e6.txt.gz (from_bpe_gz) or from a
-    diffusers/transformers tokenizer/ folder with vocab.json + merges.txt (from_folder, e.g. Stable Diffusion's, whose
-    text cleaning defaults to transformers' own, clean="hf"; see clean_text).
-    encode(text) -> ids without SOT/EOT; tok(texts) -> (B, 77) LongTensor: SOT, ids, EOT, then pad_id
-    (0 for ImageBind / open_clip; Stable Diffusion 1.x pads with EOT 49407); too long: tokens[:76] + [EOT].
-    """
-
-    def __init__(self, encoder, merges, pad_id=0, context_length=77, clean="clip"):
-        self.clean = clean
-        self.encoder = encoder  # token string -> id
-        self.decoder = {v: k for k, v in encoder.items()}
-        self.bpe_ranks = {tuple(m): i for i, m in enumerate(merges)}
-        self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
-        self.sot_id, self.eot_id = encoder["<|startoftext|>"], encoder["<|endoftext|>"]
-        self.pad_id, self.context_length = pad_id, context_length
-        self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-
-    @classmethod
-    def from_bpe_gz(cls, path=DEFAULT_BPE, pad_id=0, clean="clip"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"CLIP BPE vocabulary not found: {path}\n  It ships with the official ImageBind code (1.3 MB): "
-                f"download {BPE_URL} to {DEFAULT_BPE} (the same file is open_clip/bpe_simple_vocab_16e6.txt.gz)")
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # first line is a header
-        vocab = list(bytes_to_unicode().values())
-        vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-        return cls({t: i for i, t in enumerate(vocab)}, merges, pad_id, clean=clean)
-
-    @classmethod
-    def from_folder(cls, folder, pad_id=None, clean="hf"):
-        """A transformers/diffusers CLIP tokenizer folder; the pad token comes from its special_tokens_map.json."""
-        vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-        for p in (vocab_path, merges_path):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"CLIP tokenizer file not found: {p} (a tokenizer/ folder needs "
-                                        "vocab.json and merges.txt)")
-        with open(vocab_path, encoding="utf-8") as f:
-            encoder = json.load(f)
-        with open(merges_path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        if pad_id is None:
-            pad_id = 0
-            for name in ("special_tokens_map.json", "tokenizer_config.json"):
-                p = os.path.join(folder, name)
-                pad = weights.read_json(p).get("pad_token") if os.path.isfile(p) else None
-                if isinstance(pad, dict):
-                    pad = pad.get("content")
-                if pad is not None:
-                    pad_id = encoder[pad]
-                    break
-        return cls(encoder, merges, pad_id, clean=clean)
-
-    def bpe(self, token):
-        if token not in self.cache:
-            self.cache[token] = " ".join(bpe_merge(list(token[:-1]) + [token[-1] + "</w>"], self.bpe_ranks))
-        return self.cache[token]
-
-    def encode(self, text):
-        ids = []
-        for token in _pattern().findall(clean_text(text, self.clean)):
-            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
-            ids.extend(self.encoder[t] for t in self.bpe(token).split(" "))
-        return ids
-
-    def decode(self, ids):
-        text = "".join(self.decoder[i] for i in ids)
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
-
-    def __call__(self, texts, context_length=None):
-        context_length = context_length or self.context_length
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        out = torch.full((len(texts), context_length), self.pad_id, dtype=torch.long)
-        for i, text in enumerate(texts):
-            ids = [self.sot_id] + self.encode(text)
-            ids = ids[:context_length - 1] + [self.eot_id]  # EOT always last, even when truncated
-            out[i, :len(ids)] = torch.tensor(ids)
-        return out  # (B, 77)
-
+# ImageBind's text tokenizer: CLIP's byte-level BPE (bpe.CLIPTokenizer) on the official vocabulary
 
 _TOKENIZERS = {}
 
@@ -625,7 +444,7 @@ def tokenize(texts, bpe_path=DEFAULT_BPE):
 
 
 # -----------------------------------------------------------------------------
-# preprocessing: the official data.py without pytorchvideo / decord / torchcodec
+# preprocessing: the official data.py without pytorchvideo / decord / torchcodec (files: media.py)
 # Each loader takes one file and returns one unbatched input (stack them for a batch):
 #   load_image -> (3, 224, 224), load_video -> (15, 3, 2, 224, 224), load_audio -> (3, 1, 128, 204).
 
@@ -633,17 +452,6 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
 STD = (0.26862954, 0.26130258, 0.27577711)
 AUDIO_MEAN, AUDIO_STD = -4.268, 9.138  # fbank statistics of AudioSet, as in data.py
 SAMPLE_RATE = 16000
-
-
-class MediaError(ValueError):
-    """A media file that cannot be read: the message names the file and the reason."""
-
-
-def _check_file(path, kind):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{kind} file not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise MediaError(f"{kind} file is empty (0 bytes): {path}")
 
 
 def _clip_times(duration, clip_duration, clips):
@@ -663,15 +471,7 @@ def load_image(image):
     Resize(224, bicubic) on the short side, CenterCrop(224), ToTensor, CLIP normalisation."""
     if isinstance(image, (list, tuple)):
         return torch.stack([load_image(i) for i in image])
-    from PIL import Image
-    if not isinstance(image, Image.Image):
-        _check_file(image, "image")
-        try:
-            with Image.open(image) as f:
-                image = f.convert("RGB")
-        except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
-            raise MediaError(f"cannot read image {image}: {e}") from e
-    image = image.convert("RGB")
+    image = image.convert("RGB") if isinstance(image, Image.Image) else media.read_image(image)
     w, h = image.size
     if min(w, h) == 0:
         raise MediaError(f"image has zero size {w}x{h}")
@@ -687,57 +487,13 @@ def load_image(image):
     return _normalize(x.permute(2, 0, 1).float().div(255), MEAN, STD)  # (3, 224, 224)
 
 
-def _video_frames(path):
-    """-> (fps, frame count, get(indices) -> (T, H, W, 3) uint8 array). GIFs through Pillow, the rest through PyAV."""
-    import numpy as np
-    if path.lower().endswith(".gif"):  # decord (official) cannot open GIFs; this is an extension
-        from PIL import Image, ImageSequence
-        try:
-            with Image.open(path) as im:
-                frames = [(np.asarray(f.convert("RGB")), f.info.get("duration") or 0)
-                          for f in ImageSequence.Iterator(im)]
-        except Exception as e:
-            raise MediaError(f"cannot read GIF {path}: {e}") from e
-        ms = sum(d for _, d in frames)
-        fps = 1000.0 * len(frames) / ms if ms > 0 else 10.0  # no timing: 10 fps, ffmpeg's GIF default
-        return fps, len(frames), lambda idx: np.stack([frames[i][0] for i in idx])
-    import av
-
-    def decode(keep):  # {index: (H, W, 3)} for the frames in keep, in one pass over the stream
-        with av.open(path) as container:
-            return {i: f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i in keep}
-
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise MediaError(f"no video stream in {path}")
-            stream = container.streams.video[0]
-            rate, count = stream.average_rate or stream.guessed_rate, stream.frames
-        if count <= 0:  # some containers (webm) do not store the frame count: count by decoding
-            count = len(decode(range(10 ** 9)))
-    except av.FFmpegError as e:
-        raise MediaError(f"cannot read video {path}: {e}") from e
-    if not rate or count == 0:
-        raise MediaError(f"video has no frames: {path}")
-
-    def get(idx):
-        frames = decode(set(idx))
-        if not frames:
-            raise MediaError(f"video has no decodable frames: {path}")
-        last = frames[max(frames)]  # the stored frame count may overstate: fall back on the last decoded frame
-        return np.stack([frames.get(i, last) for i in idx])
-
-    return float(rate), count, get
-
-
 def load_video(path, clips=5, clip_duration=2, crop=224):
     """
     A video file (mp4 / webm / mov / ..., or a GIF) -> (15, 3, 2, 224, 224): 5 clips x 3 spatial crops, clip-major,
     as data.py's load_and_transform_video_data (decord + pytorchvideo there). A video shorter than 2 s gives 5
     identical clips over all of its frames, as there.
     """
-    _check_file(path, "video")
-    fps, count, get = _video_frames(path)
+    fps, count, get = media.read_video(path)
     windows = []
     for start, end in _clip_times(count / fps, clip_duration, clips):
         # EncodedVideoDecord.get_clip: frames ceil(fps * start) .. ceil(fps * end) - 1, then UniformTemporalSubsample(2)
@@ -764,20 +520,9 @@ def load_video(path, clips=5, clip_duration=2, crop=224):
     return torch.stack(out)  # (15, 3, 2, 224, 224)
 
 
-def _read_audio(path):
-    """-> (waveform (C, N) float32 in [-1, 1], sample rate), like torchaudio.load; WAV / FLAC / OGG via soundfile."""
-    import soundfile
-    try:
-        data, sr = soundfile.read(path, dtype="float32", always_2d=True)  # (N, C), ints scaled as torchaudio does
-    except Exception as e:  # soundfile.LibsndfileError and friends
-        raise MediaError(f"cannot read audio {path}: {e}") from e
-    return torch.from_numpy(data.T.copy()), sr
-
-
 def waveform_to_fbank(waveform, sample_rate=SAMPLE_RATE, mel_bins=128, frames=204):
     """data.waveform2melspec: Kaldi fbank of channel 0, (1, 128, frames) zero-padded or cut. Subtracts the mean
     from `waveform` in place, as the official code does (on a view of the whole recording)."""
-    import torchaudio
     waveform -= waveform.mean()
     fbank = torchaudio.compliance.kaldi.fbank(
         waveform, htk_compat=True, sample_frequency=sample_rate, use_energy=False, window_type="hanning",
@@ -792,13 +537,11 @@ def load_audio(path, clips=3, clip_duration=2):
     An audio file -> (3, 1, 128, 204): resampled to 16 kHz, 3 clips of 2 s (identical when the audio is shorter),
     fbank, normalised with AudioSet's mean and std, as data.py's load_and_transform_audio_data.
     """
-    _check_file(path, "audio")
-    waveform, sr = _read_audio(path)
+    waveform, sr = media.read_audio(path)
     if waveform.shape[1] == 0:
         raise MediaError(f"audio has no samples: {path}")
     if sr != SAMPLE_RATE:
-        import torchaudio
-        waveform = torchaudio.functional.resample(waveform, orig_freq=sr, new_freq=SAMPLE_RATE)
+            waveform = torchaudio.functional.resample(waveform, orig_freq=sr, new_freq=SAMPLE_RATE)
     if waveform.shape[1] < SAMPLE_RATE * 25 // 1000:
         raise MediaError(f"audio shorter than one 25 ms fbank window: {path}")
     out = []

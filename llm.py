@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import sentencepiece as spm
 
 import weights
 
@@ -339,7 +340,6 @@ class Tokenizer:
     """
 
     def __init__(self, model_path, special_tokens=()):
-        import sentencepiece as spm
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"sentencepiece model not found: {model_path} (the LLaMA folder's tokenizer.model)")
         self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
@@ -394,6 +394,21 @@ class Tokenizer:
                 run.append(i)
         return "".join(out)
 
+
+
+def train_sentencepiece(text, vocab_size, prefix, add_dummy_prefix=True):
+    """A LLaMA-style sentencepiece BPE (no normalisation, spaces kept, digits split) trained on text -> its .model path
+    (the toy world's LLM, the tiny random model). add_dummy_prefix=False makes "###" alone one piece (with the prefix
+    it is ['▁', '###']), as id 835 is in LLaMA's vocabulary. Asks for at most vocab_size pieces: a short text gives
+    fewer."""
+    with open(prefix + ".txt", "w") as f:
+        f.write(text)
+    spm.SentencePieceTrainer.train(
+        input=prefix + ".txt", model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, user_defined_symbols=["###", "\n"], byte_fallback=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False,
+        add_dummy_prefix=add_dummy_prefix, num_threads=1, minloglevel=2)
+    return prefix + ".model"
 
 # ----------------------------------------------------------------------------------------------------------------------
 # LoRA, by hand (no peft at run time)

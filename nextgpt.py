@@ -16,14 +16,18 @@ References
   group.py (GroupViT: Xu et al. 2022, https://arxiv.org/abs/2202.11094)
 """
 
+import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, replace
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bpe
+import decoders as dec
 import llm
 import weights
 from encoder import Attention, ImageBind, ImageBindConfig, Mlp, load_audio, load_image, load_video
@@ -100,6 +104,58 @@ class NextGPTConfig:
                 d[k] = tuple(d[k])
         d["cond_shape"] = {k: tuple(v) for k, v in d["cond_shape"].items()}
         return cls(**d)
+
+
+
+@dataclass
+class GenerationConfig:
+    """
+    How NextGPT.generate answers, the one home of every generation setting. The defaults are the official ones: the
+    demo's 246 new tokens, greedy; each decoder's pipeline defaults, 50 steps at guidance 7.5, Stable Diffusion 1.5 at
+    512 x 512, Zeroscope 24 frames at 320 x 576, AudioLDM 9 s. A checkpoint's nextgpt.json ("generation") overrides
+    what it names (the toy: 32 px, 8 frames, 1 s), a caller or the command line what it gives.
+    """
+    max_new_tokens: int = 246
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0  # decoder run k starts from the noise of seed + k
+    steps: int = 50  # denoising steps, every decoder
+    guidance: dict = field(default_factory=lambda: {"image": 7.5, "video": 7.5, "audio": 7.5})  # one per decoder
+    height: dict = field(default_factory=lambda: {"image": 512, "video": 320})
+    width: dict = field(default_factory=lambda: {"image": 512, "video": 576})
+    frames: int = 24
+    seconds: float = 9.0
+
+    @classmethod
+    def preset(cls, name):
+        if name == "official":
+            return cls()
+        if name == "tiny":  # tiny_random's: every path in seconds
+            return cls(max_new_tokens=24, steps=4, height={"image": 32, "video": 32}, width={"image": 32, "video": 32},
+                       frames=4, seconds=0.2)
+        raise ValueError(f"unknown generation preset {name!r}; choose 'official' or 'tiny'")
+
+    def override(self, **settings):
+        """A copy with the given settings (None: keep). guidance, height and width take a number for every modality
+        or a {modality: value} dict for some."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise ValueError(f"unknown generation settings {unknown}; the settings are: {', '.join(sorted(names))}")
+        new = {}
+        for k, v in settings.items():
+            if v is None:
+                continue
+            old = getattr(self, k)
+            if isinstance(old, dict):
+                v = {**old, **(v if isinstance(v, dict) else dict.fromkeys(old, v))}
+            new[k] = v
+        return replace(self, **new)
+
+    def changes(self):
+        """What differs from the official settings (what a manifest records)."""
+        official = asdict(GenerationConfig())
+        return {k: v for k, v in asdict(self).items() if v != official[k]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -382,7 +438,8 @@ class NextGPT(nn.Module):
         # 10 GB by accident. decoders: {"image": decoders.Decoder, or a function that loads one on first use}.
         self.backbones = {"encoder": encoder, **(decoders or {})}
         self.offload = False  # True: backbones wait on the CPU and visit the GPU only while they work
-        self.sample_defaults = {}  # from_pretrained: the generation settings a checkpoint's nextgpt.json gives
+        self.generation = GenerationConfig()  # from_pretrained: with what the checkpoint's nextgpt.json names
+        self.showcase = []  # from_pretrained: the checkpoint's example turns (`python sample.py` runs them)
         self._uncond = {}
 
     @property
@@ -565,20 +622,22 @@ class NextGPT(nn.Module):
         return re.sub(r"\s+", " ", text).strip()
 
     @torch.no_grad()
-    def generate(self, prompt, images=(), videos=(), audios=(), history=(), want=(), max_new_tokens=246,
-                 temperature=0.0, top_p=1.0, seed=0, steps=50, guidance=7.5, height=None, width=None, frames=24,
-                 seconds=9.0, official_inference=None, progress=True, choose=None):
+    def generate(self, prompt: str, images=(), videos=(), audios=(), history=(), want=(),
+                 config: GenerationConfig | None = None, official_inference: bool | None = None, progress=True,
+                 choose=None, **settings) -> dict:
         """
         Any-to-any: prompt text plus inputs (file paths or official ImageBind tensors) -> dict(text, tokens,
         image=[(3, H, W)], video=[(F, 3, H, W)], audio=[(samples,)]) with pixels in [0, 1] and 16 kHz audio.
-        guidance: one classifier-free guidance scale, or {modality: scale} (the official code has one per decoder,
-        guidance_scale_for_img / _vid / _aud).
+        history: earlier [(user text, reply text)] turns. want: modalities to force when the reply has none.
+        How it samples: config (default: this model's `generation`, the checkpoint's settings over the official
+        ones), then **settings, any GenerationConfig field (steps=20, guidance={"video": 1.5}, height=32, ...).
 
         official_inference (default: the config's) reproduces the official inference code: the prompt ends at
         "### Assistant:" without the space training put there, and the projector reads the hidden states one position
         early (those that chose each signal token, `embeddings[:, gen_idx-1 : ...]`), while training used the hidden
         states at the signal tokens' own positions. Our default is the training side of both.
         """
+        g = (config or self.generation).override(**settings)
         official = self.config.official_inference if official_inference is None else official_inference
         media = []
         for modality, items in (("image", images), ("video", videos), ("audio", audios)):
@@ -586,8 +645,8 @@ class NextGPT(nn.Module):
                 x = LOADERS[modality](item) if isinstance(item, (str, os.PathLike)) else item
                 media.append((modality, self.encode(modality, x[None])[0]))  # (n, D)
         embeds = self.prompt_embeds(list(history) + [(prompt, None)], media, official=official)
-        tokens, hs = self.reply(embeds, max_new_tokens, temperature, top_p, want,
-                                torch.Generator().manual_seed(seed), choose)
+        tokens, hs = self.reply(embeds, g.max_new_tokens, g.temperature, g.top_p, want,
+                                torch.Generator().manual_seed(g.seed), choose)
         out = {"text": self.reply_text(tokens), "tokens": tokens, "image": [], "video": [], "audio": []}
         hs = torch.stack(hs)  # (len(tokens) + 1, D)
         for k, (modality, i) in enumerate(self.signal_runs(tokens)):
@@ -596,15 +655,13 @@ class NextGPT(nn.Module):
             cond = self.project_signal(modality, hidden[None])  # (1, Q, W)
             if modality == "audio":
                 cond = cond[:, 0]  # (1, 512): AudioLDM reads one vector
-            kw = {"image": dict(height=height or 512, width=width or 512), "audio": dict(seconds=seconds),
-                  "video": dict(frames=frames, height=height or 320, width=width or 576)}[modality]
-            g = torch.Generator().manual_seed(seed + k)
+            size = {"image": dict(height=g.height["image"], width=g.width["image"]), "audio": dict(seconds=g.seconds),
+                    "video": dict(frames=g.frames, height=g.height["video"], width=g.width["video"])}[modality]
             decoder = self.decoder(modality)
             if self.offload:
                 decoder.to(self.device)
-            scale = guidance[modality] if isinstance(guidance, dict) else guidance
-            result = decoder.generate(cond, self.uncond(modality), steps=steps, guidance=scale, generator=g,
-                                      progress=progress, **kw)
+            result = decoder.generate(cond, self.uncond(modality), steps=g.steps, guidance=g.guidance[modality],
+                                      generator=torch.Generator().manual_seed(g.seed + k), progress=progress, **size)
             if self.offload:
                 decoder.to("cpu")
             out[modality].append(result[0].float().cpu())
@@ -649,27 +706,27 @@ class NextGPT(nn.Module):
                 or n in ("llm.model.embed_tokens.weight", "llm.lm_head.weight")}
 
     @classmethod
-    def from_pretrained(cls, ckpt="checkpoints", dtype=None, device=None, decoders=MODALITIES, delta=None,
-                        offload=False):
+    def from_pretrained(cls, ckpt: str = "checkpoints", dtype: torch.dtype | None = None, device=None,
+                        decoders=MODALITIES, delta: str | None = None, offload: bool = False) -> "NextGPT":
         """
         A folder with the official files (README.md, 'Weights'):
             imagebind_huge.pth, vicuna-7b-v0/, nextgpt_7b_tiva_v0/pytorch_model.pt,
             stable-diffusion-v1-5/, zeroscope_v2_576w/, audioldm-l-full/
-        or any folder with a `nextgpt.json` naming its config and files (the toy world, checkpoints of train.py).
+        or any folder with a `nextgpt.json` naming its config and files (the toy world, checkpoints of train.py), and
+        optionally the generation settings it was made for ("generation", over GenerationConfig's) and example turns
+        ("showcase": [{"prompt", "images" / "videos" / "audios": paths relative to the folder, "want"}]).
         delta: another delta file to load instead (e.g. a train.py checkpoint over the official backbones).
         offload: ImageBind and the decoders wait on the CPU and visit `device` only while they work, so that the LLM
         and one backbone at a time share the GPU (README.md, 'Memory').
         Each missing piece is named with where it comes from. Decoders load on first use, one at a time.
         """
-        import decoders as dec
         manifest = os.path.join(ckpt, MANIFEST)
-        if os.path.isfile(manifest):
-            m = weights.read_json(manifest)
+        m = weights.read_json(manifest) if os.path.isfile(manifest) else None
+        if m is not None:
             config = NextGPTConfig.from_dict(m["config"])
             files = {k: (v, f"named in {manifest}") for k, v in m["files"].items()}
-            sample = m.get("sample", {})  # generation settings the checkpoint was made for (the toy: 32 px, 8 frames)
         else:
-            config, files, sample = NextGPTConfig.preset("7b_tiva_v0"), OFFICIAL_FILES, {}
+            config, files, m = NextGPTConfig.preset("7b_tiva_v0"), OFFICIAL_FILES, {}
         paths = {name: os.path.join(ckpt, rel) for name, (rel, _) in files.items()}
         if delta is not None:
             paths["delta"] = delta
@@ -693,14 +750,20 @@ class NextGPT(nn.Module):
         if paths.get("delta"):
             model.load_delta(paths["delta"])
         model.source = {k: os.path.abspath(p) for k, p in paths.items() if p}  # where each piece came from
-        model.sample_defaults = sample
+        model.generation = GenerationConfig().override(**m.get("generation", {}))
+        model.showcase = [{**turn, **{k: [os.path.join(ckpt, p) for p in turn[k]]
+                                      for k in ("images", "videos", "audios") if k in turn}}
+                          for turn in m.get("showcase", [])]
         return model.eval()
 
     def save_manifest(self, folder, files):
-        """Write nextgpt.json: this model's config and where its files are, relative to folder."""
-        import json
+        """Write nextgpt.json: this model's config, where its files are (relative to folder), and its generation
+        settings where they differ from the official ones."""
+        m = {"config": self.config.to_dict(), "files": files}
+        if self.generation.changes():
+            m["generation"] = self.generation.changes()
         with open(os.path.join(folder, MANIFEST), "w") as f:
-            json.dump({"config": self.config.to_dict(), "files": files}, f, indent=1)
+            json.dump(m, f, indent=1)
 
 
 MANIFEST = "nextgpt.json"
@@ -755,3 +818,42 @@ def resize_vocab(model, n):
     model.lm_head.weight = grown(old_head)
     model.model.embed_tokens.num_embeddings = model.lm_head.out_features = n
     model.config = replace(model.config, vocab_size=n)  # a copy: NextGPTConfig.llm keeps the base vocabulary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A random tiny NExT-GPT: every path at toy size, offline, in seconds (the tests, sample.py / train.py --tiny-random)
+
+TINY_CORPUS = """### Human: describe this image
+### Assistant: a red circle on a blue square moving left, two high beeps and a low beep.
+draw show play generate a caption picture video sound audio the of and with what is in it
+""" * 3
+
+
+def tiny_random(seed: int = 0, input_proj: str = "linear") -> NextGPT:
+    """NextGPTConfig.preset("tiny") with random weights, with the leaves' tiny presets for ImageBind and the three
+    decoders; its tokenizers: a sentencepiece model trained here on TINY_CORPUS, byte-level CLIP and RoBERTa."""
+    torch.manual_seed(seed)
+    config = replace(NextGPTConfig.preset("tiny"), input_proj=input_proj)
+    with tempfile.TemporaryDirectory() as d:
+        tok = llm.Tokenizer(llm.train_sentencepiece(TINY_CORPUS, config.llm.vocab_size, os.path.join(d, "tok")))
+    config.llm = replace(config.llm, vocab_size=len(tok))  # the corpus may give fewer pieces than asked
+    tok.add_special_tokens(config.added_tokens)
+    clip_vocab = {t: i for i, t in enumerate(bpe.byte_vocab("clip"))}
+    clip = (dec.CLIPTextEncoder(dec.CLIPTextConfig.preset("tiny")),
+            bpe.CLIPTokenizer(clip_vocab, [], pad_id=0, clean="hf"))
+    clap = (dec.CLAPTextEncoder(dec.CLAPTextConfig.preset("tiny")),
+            bpe.RobertaTokenizer({t: i for i, t in enumerate(bpe.byte_vocab("roberta"))}, [], max_length=32))
+    decoders = {}
+    for kind, unet, vae, text in (("image", "tiny", "tiny", clip), ("video", "tiny-video", "tiny", clip),
+                                  ("audio", "tiny-audio", "tiny-audio", clap)):
+        unet = (dec.UNet3D if kind == "video" else dec.UNet2D)(dec.UNetConfig.preset(unet))
+        vocoder = dec.HiFiGAN(dec.HiFiGANConfig.preset("tiny")) if kind == "audio" else None
+        decoders[kind] = dec.Decoder(kind, None, unet, dec.VAE(dec.VAEConfig.preset(vae)), dec.DDIM(), vocoder,
+                                     text_encoder=text[0], tokenizer=text[1])
+        for part in (unet, decoders[kind].vae, vocoder, text[0]):
+            if part is not None:
+                part.eval().requires_grad_(False)
+    encoder = ImageBind(config.imagebind, modalities=("vision", "audio")).eval().requires_grad_(False)
+    model = NextGPT(config, LLaMA(config.llm), tok, encoder, decoders)
+    model.generation = GenerationConfig.preset("tiny")
+    return model.eval()

@@ -19,7 +19,9 @@ References: NExT-GPT-Lagacy/code/model/anyToImageVideoAudio.py (stages, losses),
 dsconfig/stage_*.json (optimiser); the new code's denoising loss (nextgpt/model/nextgpt_arch.py).
 """
 
+import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -34,51 +36,57 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchaudio
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
+import decoders
+import media
 import nextgpt
 from nextgpt import MODALITIES, NextGPT
 
 
 @dataclass
 class TrainConfig:
-    stage: int = 1
+    stage: int = 1  # 1 encoding side, 2 decoding side, 3 instruction tuning (picks the stage's preset)
     ckpt: str = "checkpoints"  # the model to start from: the official files, or a folder with nextgpt.json
     delta: str = ""  # start from this delta instead (e.g. the previous stage's out_dir/latest checkpoint)
     data: str = ""  # comma-separated data files in the official formats
     media_dir: str = ""  # where media names resolve; default: the data file's folder
     features_dir: str = ""  # precomputed ImageBind features and caption embeddings (written by --prepare)
-    out_dir: str = "out/train"
+    out_dir: str = "out/train"  # where step_N/ checkpoints, latest and log.jsonl go
     input_proj: str = ""  # "linear" or "group" to (re)build the input projection; "" keeps the checkpoint's
     prompt: str = "generate a caption"  # stage 1's instruction (config/stage_1.yaml)
     # optimisation (dsconfig/stage_*.json: Adam lr 4e-4 (stage 3: 5e-4), betas 0.9/0.95, wd 1e-3, clip 1.0)
-    epochs: int = 1
+    epochs: int = 1  # passes over the data
     max_steps: int = 0  # 0: as many as the epochs give
     batch_size: int = 2  # per process
-    grad_accum: int = 1
-    lr: float = 4e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 1e-3
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 4e-4  # peak learning rate (stage 3's preset: 5e-4)
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    weight_decay: float = 1e-3  # AdamW, on every trained tensor but the new token rows
     warmup: float = 0.1  # a fraction of the steps (or a count if >= 1); at least 10 steps, as the official schedule
-    min_lr: float = 0.0
-    clip: float = 1.0
-    max_len: int = 512
+    min_lr: float = 0.0  # where the cosine decay ends
+    clip: float = 1.0  # gradient-norm clipping; 0: none
+    max_len: int = 512  # prompt tokens kept per example (the rest is cut)
     # losses
-    nll_weight: float = 1.0
-    align_weight: float = 1.0
+    nll_weight: float = 1.0  # next-token NLL of the replies
+    align_weight: float = 1.0  # caption alignment (stages 2, 3)
     video_align_weight: float = 1.0  # the official stage 3 doubles the video alignment
     denoise_weight: float = 0.0  # the new code's conditional latent denoising (needs target media)
     # engine
     lora: bool = False  # LoRA on the LLM (stage 3)
-    grad_checkpointing: bool = False
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    device: str = "auto"
-    seed: int = 0
-    log_every: int = 10
+    grad_checkpointing: bool = False  # recompute the LLM's activations in backward: less memory, more time
+    dtype: str = "auto"  # auto or bf16: bf16 autocast on CUDA; fp32 on CPU
+    device: str = "auto"  # auto: cuda (this process's LOCAL_RANK) if there is one, else cpu
+    seed: int = 0  # initialisation and batch order
+    log_every: int = 10  # steps between printed loss lines; 0: none (log.jsonl has every step)
     save_every: int = 0  # steps between saves; 0: only at the end
     keep: int = 1  # how many saves to keep (the newest)
-    resume: bool = False
-    tiny_random: bool = False  # a random tiny model instead of ckpt (tests, smoke runs)
+    resume: bool = False  # continue from out_dir's latest checkpoint, exactly
+    tiny_random: bool = False  # nextgpt.tiny_random instead of ckpt: every path in seconds (tests, smoke runs)
 
     @property
     def trains(self):
@@ -90,59 +98,109 @@ class TrainConfig:
         return {1: ("nll",), 2: ("nll", "align", "denoise"), 3: ("nll", "align", "denoise")}[self.stage]
 
 
-STAGE_PRESETS = {
+STAGE_PRESETS = {  # what each stage changes in TrainConfig's defaults (dsconfig/stage_*.json, config/stage_3.yaml)
     1: dict(lr=4e-4),
     2: dict(lr=4e-4),
     3: dict(lr=5e-4, lora=True, video_align_weight=2.0),
 }
 
 
+def field_help(cls):
+    """{field: its comment} from a config dataclass's source: each option is explained once, where it is defined."""
+    comments = re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.MULTILINE)
+    return dict(comments)
+
+
+def parse_value(value, default, name):
+    """A value from the command line (text) or a config file (JSON), typed as the field's default: bool, int,
+    float, str or a tuple of them. A value that does not fit raises ValueError naming the option."""
+    if isinstance(default, bool):  # before int: a bool is an int
+        words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+        if isinstance(value, bool) or str(value).lower() in words:
+            return value if isinstance(value, bool) else words[str(value).lower()]
+        raise ValueError(f"--{name} takes true or false, not {value!r}")
+    if isinstance(default, tuple):
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        kinds = [type(x) for x in default] or [str]
+        try:
+            return tuple(kinds[min(k, len(kinds) - 1)](x) for k, x in enumerate(items))
+        except ValueError:
+            raise ValueError(f"--{name} takes values like {','.join(map(str, default))}, not {value!r}") from None
+    typ = type(default)
+    if isinstance(value, str) or type(value) is typ or (typ is float and type(value) is int):
+        try:
+            return typ(value)
+        except ValueError:
+            pass
+    raise ValueError(f"--{name} takes {'an' if typ is int else 'a'} {typ.__name__}, not {value!r}")
+
+
+def add_config_options(parser, cls, defaults=None):
+    """An option --field-name (or --field_name) for every field of a config dataclass, its help the field's comment.
+    Values are kept as given (typed later by config_from), so that only the options a user gives override."""
+    defaults = defaults or cls()
+    notes = field_help(cls)
+    group = parser.add_argument_group(f"{cls.__name__} fields (--key=value or --key value)")
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else '""' if value == "" else value
+        kw = dict(nargs="?", const="true", metavar="BOOL") if isinstance(value, bool) else \
+            dict(metavar=type(value).__name__.upper())
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                           help=f"{notes.get(f.name, '')} (default: {shown})", **kw)
+
+
+def config_from(cls, values, base=None):
+    """base (or the defaults) with values {field: text or JSON value} set, each typed as its field; a bad value or an
+    unknown field raises ValueError naming it."""
+    base = base or cls()
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; the options are: {', '.join(sorted(names))}")
+    return dataclasses.replace(base, **{k: parse_value(v, getattr(base, k), k) for k, v in values.items()})
+
+
+def underscores_to_dashes(argv):
+    """--max_steps=3 -> --max-steps=3: both spellings of a field's option are accepted, the dashed one is shown."""
+    return [a.split("=", 1)[0].replace("_", "-") + a[len(a.split("=", 1)[0]):] if a.startswith("--") else a
+            for a in argv]
+
+
 def parse_args(argv):
-    """--stage first (it picks the preset), then --config=file.json, then --key=value. Types checked."""
-    kv, flags = {}, set()
-    for a in argv:
-        if not a.startswith("--"):
-            raise SystemExit(f"train.py: arguments are --key=value, not {a!r}")
-        key, eq, value = a[2:].partition("=")
-        key = key.replace("-", "_")
-        if eq:
-            kv[key] = value
-        else:
-            flags.add(key)
-    prepare = "prepare" in flags
-    flags.discard("prepare")
-    kv.update({f: "true" for f in flags})
-    stage = int(kv.get("stage", 1))
-    values = {"stage": stage, **STAGE_PRESETS.get(stage, {})}
-    if "config" in kv:
-        with open(kv.pop("config")) as f:
-            values.update(json.load(f))
-    values.update(kv)
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    cfg = {}
-    for key, value in values.items():
-        if key not in types:
-            raise SystemExit(f"train.py: unknown option {key!r}; the options are: {', '.join(types)}")
-        cfg[key] = _convert(key, value, types[key])
-    if cfg["stage"] not in (1, 2, 3):
-        raise SystemExit("train.py: --stage must be 1, 2 or 3")
-    return TrainConfig(**cfg), prepare
-
-
-def _convert(key, value, typ):
-    typ = {"int": int, "float": float, "str": str, "bool": bool}.get(typ, typ)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("1", "true", "yes"):
-            return True
-        if str(value).lower() in ("0", "false", "no"):
-            return False
-        raise SystemExit(f"train.py: --{key} takes true or false, not {value!r}")
+    """-> (TrainConfig, prepare). The stage's preset first, then --config=file.json, then the options given."""
+    p = argparse.ArgumentParser(prog="train.py", usage="%(prog)s [options]  (--help lists them)", description=__doc__,
+                                allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prepare", action="store_true", help="write the ImageBind features and caption embeddings of "
+                   "--data into --features-dir (once, before training), then stop")
+    p.add_argument("--config", metavar="FILE.json", help="a JSON object of TrainConfig fields; options given on the "
+                   "command line override it")
+    add_config_options(p, TrainConfig)
+    args = vars(p.parse_args(underscores_to_dashes(argv)))
+    prepare, config_file = args.pop("prepare"), args.pop("config")
     try:
-        return typ(value)
-    except ValueError:
-        raise SystemExit(f"train.py: --{key} takes a {typ.__name__}, not {value!r}") from None
+        in_file = read_config_file(config_file) if config_file else {}
+        stage = parse_value(args.get("stage", in_file.get("stage", 1)), 1, "stage")
+        if stage not in STAGE_PRESETS:
+            raise ValueError(f"--stage must be 1, 2 or 3 (got {stage})")
+        cfg = config_from(TrainConfig, {**STAGE_PRESETS[stage], **in_file, **args, "stage": stage})
+    except ValueError as e:
+        p.error(str(e))
+    return cfg, prepare
+
+
+def read_config_file(path):
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror}; give the path of a JSON file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config {path} is not JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a JSON object of TrainConfig fields, not {type(values).__name__}")
+    return values
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -166,12 +224,12 @@ def read_data(path, cfg, config):
         records = json.load(f)
     if isinstance(records, dict):
         records = records.get("data", [records])
-    media = cfg.media_dir or os.path.dirname(os.path.abspath(path))
+    folder = cfg.media_dir or os.path.dirname(os.path.abspath(path))
     examples, problems = [], []
     for i, r in enumerate(records):
         where = f"{path}:{i}"
         try:
-            ex = _example(r, cfg, config, media)
+            ex = _example(r, cfg, config, folder)
             for _, p in ex.inputs + [(m, p) for m, _, p, _ in ex.outputs if p]:
                 if not os.path.isfile(p) and not _cached_features(cfg, p):
                     raise ValueError(f"media file not found: {p}")
@@ -182,8 +240,8 @@ def read_data(path, cfg, config):
     return examples, problems
 
 
-def _example(r, cfg, config, media):
-    join = lambda name: os.path.join(media, name)  # noqa: E731
+def _example(r, cfg, config, folder):
+    join = lambda name: os.path.join(folder, name)  # noqa: E731
     for modality, key in (("image", "image_name"), ("video", "video_name"), ("audio", "audio_name")):
         if key in r:  # cc3m.json / webvid.json / audiocap.json: {X_name, caption}
             caption = r["caption"].strip()
@@ -274,7 +332,6 @@ def caption_target(model, modality, caption, emb_path, memo):
 
 def prepare(model, examples, cfg):
     """--prepare: write the ImageBind features of every input and the caption embedding of every output."""
-    from tqdm import tqdm
     if not cfg.features_dir:
         raise SystemExit("train.py --prepare needs --features_dir=DIR")
     done = 0
@@ -284,8 +341,8 @@ def prepare(model, examples, cfg):
             if not os.path.isfile(out):
                 _save_npy(out, input_features(model, modality, path, cfg).numpy())
                 done += 1
-        for modality, caption, media, emb in ex.outputs:
-            out = emb or _cache_path(cfg, f"captions_{modality}", media or caption)
+        for modality, caption, target, emb in ex.outputs:
+            out = emb or _cache_path(cfg, f"captions_{modality}", target or caption)
             if not os.path.isfile(out):
                 _save_npy(out, caption_target(model, modality, caption, None, {}).numpy().astype(np.float16))
                 done += 1
@@ -302,40 +359,24 @@ def _save_npy(path, array):
 # ----------------------------------------------------------------------------------------------------------------------
 # Losses
 
-def mel_spectrogram(wave, n_mels=64, hop=160, sample_rate=16000):
-    """AudioLDM's log-mel (n_fft = window = 1024 for hop 160, 0-8 kHz, Slaney mel scale, log of max(x, 1e-5)):
-    (samples,) -> (frames, n_mels), the layout its VAE and HiFi-GAN vocoder read."""
-    import torchaudio
-    n_fft = 1024 * hop // 160
-    spec = torch.stft(wave, n_fft, hop, n_fft, torch.hann_window(n_fft), center=True, pad_mode="reflect",
-                      return_complex=True).abs()  # (n_fft/2 + 1, frames)
-    fb = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, 0.0, sample_rate / 2, n_mels, sample_rate,
-                                               norm="slaney", mel_scale="slaney")  # (freqs, n_mels)
-    return torch.log(torch.clamp(spec.T @ fb, min=1e-5))
-
-
 def load_target(modality, path, d, frames=8):
     """Target media in the decoder's own layout: image (1, 3, S, S) and video (1, 3, F, S, S) in [-1, 1] at the size the
     UNet was made for; audio (1, 1, T, n_mels) log-mel."""
-    import encoder
-    from PIL import Image
     scale = 2 ** (len(d.vae.cfg.block_out_channels) - 1)
     S = d.unet.cfg.sample_size * scale
     to_tensor = lambda im: torch.from_numpy(np.asarray(im.convert("RGB").resize((S, S), Image.BICUBIC)).copy()  # noqa
                                             ).permute(2, 0, 1).float() / 127.5 - 1
     if modality == "image":
-        with Image.open(path) as im:
-            return to_tensor(im)[None]
+        return to_tensor(media.read_image(path))[None]
     if modality == "video":
-        _, count, get = encoder._video_frames(path)
+        _, count, get = media.read_video(path)
         idx = torch.linspace(0, count - 1, min(frames, count)).round().long().tolist()
         return torch.stack([to_tensor(Image.fromarray(f)) for f in get(idx)], dim=1)[None]  # (1, 3, F, S, S)
-    wave, sr = encoder._read_audio(path)
+    wave, sr = media.read_audio(path)
     if sr != 16000:
-        import torchaudio
         wave = torchaudio.functional.resample(wave, sr, 16000)
     vc = d.vocoder.cfg
-    mel = mel_spectrogram(wave[0], vc.model_in_dim, math.prod(vc.upsample_rates))
+    mel = decoders.mel_spectrogram(wave[0], vc.model_in_dim, math.prod(vc.upsample_rates))
     return mel[:len(mel) // scale * scale][None, None]  # (1, 1, T, n_mels), T a multiple of the VAE's stride
 
 
@@ -358,8 +399,8 @@ def compute_losses(model, batch, cfg, memo):
     """-> {name: (sum, count)}: sums and counts, so data-parallel ranks can divide by the global count."""
     embeds, labels, outs = [], [], []
     for ex in batch:
-        media = [(m, model.project(input_features(model, m, p, cfg).to(model.device)[None])[0]) for m, p in ex.inputs]
-        e, lab = model.prompt_embeds(ex.turns, media, labels=True)
+        inputs = [(m, model.project(input_features(model, m, p, cfg).to(model.device)[None])[0]) for m, p in ex.inputs]
+        e, lab = model.prompt_embeds(ex.turns, inputs, labels=True)
         embeds.append(e[0, :cfg.max_len])
         labels.append(lab[:cfg.max_len])
         outs.append(ex.outputs)
@@ -382,7 +423,7 @@ def compute_losses(model, batch, cfg, memo):
             # each output's run of signal tokens, in the order the reply gives them (the training positions:
             # the hidden states where the signal tokens are the input, anyToImageVideoAudio.py:_train_with_mode)
             starts = {m: (L[b] == model.signal_ids(m)[0]).nonzero().flatten().tolist() for m in MODALITIES}
-            for modality, caption, media, emb in outputs:
+            for modality, caption, target_media, emb in outputs:
                 if not starts[modality]:
                     continue  # cut off by max_len
                 s = starts[modality].pop(0)
@@ -394,20 +435,20 @@ def compute_losses(model, batch, cfg, memo):
                     # l2_loss of common/utils.py: per-token Euclidean distance, averaged (not an MSE)
                     align = align + w * ((cond[0].float() - target) ** 2).sum(-1).sqrt().mean()
                     n_align += 1
-                if "denoise" in cfg.losses and cfg.denoise_weight > 0 and media:
-                    den = den + denoise_loss(model, modality, cond, media)
+                if "denoise" in cfg.losses and cfg.denoise_weight > 0 and target_media:
+                    den = den + denoise_loss(model, modality, cond, target_media)
                     n_den += 1
     losses["align"] = (align, n_align)
     losses["denoise"] = (den, n_den)
     return losses
 
 
-def denoise_loss(model, modality, cond, media):
+def denoise_loss(model, modality, cond, path):
     """Conditional latent denoising: the frozen UNet, conditioned on the projector output, predicts the noise added to
     the target's latents (or v, for a v-prediction decoder). Gradients reach the projector through cond only (the UNet
     is frozen)."""
     d = model.decoder(modality)
-    z0 = target_latents(model, modality, media)
+    z0 = target_latents(model, modality, path)
     noise = torch.randn_like(z0)
     t = torch.randint(0, d.sampler.num_train_timesteps, (z0.shape[0],), device=z0.device)
     x_t = d.sampler.add_noise(z0, noise, t)
@@ -444,10 +485,17 @@ def select_trainable(model, cfg):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def resolve_device(name):
+    """"auto": this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
+    if name != "auto":
+        return name
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+
+
 def build_model(cfg):
+    cfg.device = resolve_device(cfg.device)
     if cfg.tiny_random:
-        import toy  # the random tiny model lives with the toy world
-        model = toy.tiny_random(seed=cfg.seed)
+        model = nextgpt.tiny_random(seed=cfg.seed)
     else:
         model = NextGPT.from_pretrained(cfg.ckpt, delta=cfg.delta or None, device=cfg.device)
     if cfg.input_proj and cfg.input_proj != model.config.input_proj:
@@ -469,7 +517,6 @@ def lr_at(step, total, cfg):
 # Saving: atomic, only the trainable tensors, in the layout nextgpt.py loads
 
 def save_checkpoint(model, opt, step, cfg, rng):
-    from safetensors.torch import save_file
     name = f"step_{step:07d}"
     final = os.path.join(cfg.out_dir, name)
     tmp = final + ".tmp"
@@ -520,8 +567,7 @@ def train(cfg, model=None, examples=None, log=print):
     rank = int(os.environ.get("RANK", 0))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if cfg.device == "auto":
-        cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    cfg.device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = model or build_model(cfg)
     model.to(cfg.device)
@@ -558,7 +604,6 @@ def train(cfg, model=None, examples=None, log=print):
     memo = {}
     os.makedirs(cfg.out_dir, exist_ok=True)
     logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
-    from tqdm import tqdm
     bar = tqdm(total=total, initial=step, desc=f"stage {cfg.stage}", disable=rank != 0)
     while step < total:
         lr = lr_at(step, total, cfg)
@@ -628,7 +673,6 @@ def _resume(model, opt, cfg, log):
         raise SystemExit(f"train.py --resume: no checkpoint in {cfg.out_dir} (no 'latest' file)")
     with open(latest) as f:
         folder = os.path.join(cfg.out_dir, f.read().strip())
-    from safetensors.torch import load_file
     saved = load_file(os.path.join(folder, "nextgpt.safetensors"))
     nextgpt.weights.check(model, saved, what=folder, partial=True)
     with torch.no_grad():  # copy into the parameters the optimiser holds (placing new ones would orphan them)

@@ -218,8 +218,7 @@ def test_grouping_equals_the_official_group_projector():
 def test_guidance_per_decoder():
     """generate(guidance={modality: scale}) gives each decoder its own scale (the official code has one per decoder;
     the toy samples video at 1.5, images and audio at 3): the same outputs as the scalar for that modality."""
-    import toy
-    model = toy.tiny_random(0)
+    model = nextgpt.tiny_random(0)
     kw = dict(want=("image", "video"), max_new_tokens=4, steps=2, height=16, width=16, frames=2, progress=False)
     mixed = model.generate("hi", guidance={"image": 7.5, "video": 1.0, "audio": 7.5}, **kw)
     strong, weak = (model.generate("hi", guidance=g, **kw) for g in (7.5, 1.0))

@@ -41,7 +41,7 @@ def test_any_to_any_files(media, tmp_path, capsys):
     assert (out / "video_0.mp4").stat().st_size > 0
     audio, sr = soundfile.read(out / "audio_0.wav")
     assert sr == 16000 and audio.shape == (4000,)
-    assert not list(out.glob("*.part"))  # every file written whole
+    assert not list(out.glob("*.part*"))  # every file written whole (media.write_whole's temporary names)
 
 
 def test_bad_input_names_the_problem_and_writes_nothing(media, tmp_path):

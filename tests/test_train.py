@@ -14,7 +14,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import nextgpt
-import toy
 import train
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +58,7 @@ def data(tmp_path_factory):
 def run(cfg_args, data_files, model=None):
     cfg, _ = train.parse_args(cfg_args + ["--tiny_random=true", "--log_every=0"])
     cfg.data = ",".join(str(f) for f in data_files)
-    model = model or toy.tiny_random(cfg.seed)
+    model = model or nextgpt.tiny_random(cfg.seed)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     lines = []
     trained = train.train(cfg, model=model, log=lines.append)
@@ -83,7 +82,7 @@ def changed(model, initial):
 
 def test_stage1_trains_only_the_input_projection(data, tmp_path):
     files = [data / "cc3m.json", data / "webvid.json", data / "audiocap.json"]
-    before = eval_losses(toy.tiny_random(0), ["--stage=1"], files)
+    before = eval_losses(nextgpt.tiny_random(0), ["--stage=1"], files)
     model, initial, log, _ = run(["--stage=1", "--max_steps=25", "--lr=3e-2", "--warmup=0", "--batch_size=4",
                                   f"--out_dir={tmp_path}"], files)
     after = eval_losses(model, ["--stage=1"], files)
@@ -97,14 +96,14 @@ def test_stage1_trains_only_the_input_projection(data, tmp_path):
     # the saved checkpoint holds only NExT-GPT's own tensors, and loads back
     saved = load_file(str(tmp_path / open(tmp_path / "latest").read() / "nextgpt.safetensors"))
     assert set(saved) == set(model.trainable_state_dict())
-    fresh = toy.tiny_random(0).load_delta(saved)
+    fresh = nextgpt.tiny_random(0).load_delta(saved)
     assert torch.equal(fresh.input_proj.weight, model.input_proj.weight)
 
 
 def test_stage2_align_and_denoise(data, tmp_path):
     files = [data / "cc3m.json", data / "webvid.json", data / "audiocap.json"]
     args = ["--stage=2", "--denoise_weight=1.0"]
-    before = eval_losses(toy.tiny_random(0), args, files)
+    before = eval_losses(nextgpt.tiny_random(0), args, files)
     model, initial, log, _ = run(args + ["--max_steps=20", "--lr=3e-3", "--warmup=0", "--batch_size=3",
                                          f"--out_dir={tmp_path}"], files)
     after = eval_losses(model, args, files)
@@ -121,7 +120,7 @@ def test_stage2_align_and_denoise(data, tmp_path):
 
 
 def test_denoising_loss_reaches_the_projector_not_the_unet(data):
-    model = toy.tiny_random(0)
+    model = nextgpt.tiny_random(0)
     cfg, _ = train.parse_args(["--stage=2", "--denoise_weight=1", "--align_weight=0", "--nll_weight=0"])
     train.select_trainable(model, cfg)
     examples, _ = train.read_data(str(data / "cc3m.json"), cfg, model.config)
@@ -135,7 +134,7 @@ def test_denoising_loss_reaches_the_projector_not_the_unet(data):
 
 def test_stage3_lora_and_projections(data, tmp_path):
     files = [data / "t2x.json", data / "cc3m.json"]
-    before = eval_losses(toy.tiny_random(0), ["--stage=3"], files)
+    before = eval_losses(nextgpt.tiny_random(0), ["--stage=3"], files)
     model, initial, log, _ = run(["--stage=3", "--max_steps=16", "--lr=1e-2", "--warmup=0", "--batch_size=2",
                                   f"--out_dir={tmp_path}"], files)
     after = eval_losses(model, ["--stage=3"], files)
@@ -175,13 +174,29 @@ def test_broken_records_are_reported_and_skipped(data, tmp_path):
     assert any("skipped 3 bad records of 7" in line for line in lines)
 
 
-def test_options_are_checked():
-    with pytest.raises(SystemExit, match="unknown option 'learning_rate'"):
-        train.parse_args(["--learning_rate=1"])
-    with pytest.raises(SystemExit, match="takes a float"):
-        train.parse_args(["--lr=fast"])
+def test_options_are_checked(tmp_path, capsys):
+    """Unknown options, bad values and bad config files end with exit status 2 and a one-line reason."""
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"stage": 3, "lr": 1e-4}))
+    bad_key, bad_type, not_object = tmp_path / "k.json", tmp_path / "t.json", tmp_path / "o.json"
+    bad_key.write_text('{"learning_rate": 1}')
+    bad_type.write_text('{"epochs": "many"}')
+    not_object.write_text("[1, 2]")
+    for argv, reason in ((["--learning_rate=1"], "unrecognized arguments: --learning-rate=1"),
+                         (["--lr=fast"], "--lr takes a float, not 'fast'"), (["--stage=4"], "--stage must be 1, 2 or 3"),
+                         (["--resume=maybe"], "--resume takes true or false"),
+                         ([f"--config={bad_key}"], "unknown option(s) learning_rate"),
+                         ([f"--config={bad_type}"], "--epochs takes an int, not 'many'"),
+                         ([f"--config={not_object}"], "must hold a JSON object"),
+                         ([f"--config={tmp_path / 'none.json'}"], "No such file")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and reason in err and "Traceback" not in err, (argv, err)
     cfg, _ = train.parse_args(["--stage=3"])
     assert cfg.lr == 5e-4 and cfg.lora and cfg.video_align_weight == 2.0  # the official stage-3 settings
+    cfg, _ = train.parse_args([f"--config={good}", "--lr", "2e-4", "--tiny-random", "--max_steps=3"])
+    assert (cfg.stage, cfg.lr, cfg.lora, cfg.tiny_random, cfg.max_steps) == (3, 2e-4, True, True, 3)  # file, then flags
 
 
 def test_torchrun_two_processes_equal_one_on_the_combined_batch(data, tmp_path):
@@ -198,7 +213,7 @@ def test_torchrun_two_processes_equal_one_on_the_combined_batch(data, tmp_path):
     moved = 0
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-5, k
-    init = toy.tiny_random(0).trainable_state_dict()
+    init = nextgpt.tiny_random(0).trainable_state_dict()
     moved = sum(not torch.equal(a[k], init[k]) for k in a)
     assert moved >= 2  # the run did train
 
@@ -206,7 +221,7 @@ def test_torchrun_two_processes_equal_one_on_the_combined_batch(data, tmp_path):
 def test_prepare_caches_features_and_training_reads_them(data, tmp_path):
     feats = tmp_path / "features"
     cfg, _ = train.parse_args(["--stage=2", f"--features_dir={feats}"])
-    model = toy.tiny_random(0)
+    model = nextgpt.tiny_random(0)
     examples, _ = train.read_data(str(data / "audiocap.json"), cfg, model.config)
     cfg1, _ = train.parse_args(["--stage=1", f"--features_dir={feats}"])
     examples1, _ = train.read_data(str(data / "cc3m.json"), cfg1, model.config)
@@ -229,7 +244,7 @@ def test_config_file_and_gradient_checkpointing(data, tmp_path):
     assert cfg.lr == 0.01 and cfg.batch_size == 2 and cfg.lora  # preset < file < command line
     grads = []
     for ckpt in (False, True):
-        model = toy.tiny_random(0)
+        model = nextgpt.tiny_random(0)
         train.select_trainable(model, cfg)
         model.train()
         model.llm.gradient_checkpointing = ckpt
