@@ -202,12 +202,17 @@ BENCHES = {"llama": bench_llama, "llama-load-memory": bench_llama_load_memory, "
            "unet": bench_unet, "image-pipeline": bench_image_pipeline}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="", help="run the entries whose name contains this")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = p.parse_args()
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="bench.py", usage="%(prog)s [options]  (--help lists them)", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--only", default="", metavar="TEXT", help=f"run the entries whose name contains this: "
+                   f"{', '.join(BENCHES)} (default: all)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats of each side; the median counts (default: 5)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help=f"torch threads (default: {torch.get_num_threads()}, this machine's)")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1:
+        p.error(f"--repeats and --threads must be positive integers (got {args.repeats}, {args.threads})")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores, "
           f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")

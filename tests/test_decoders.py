@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import bpe
 import decoders as D
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -531,7 +532,7 @@ ROBERTA_MERGES = ["Ġ t", "h e", "Ġt he", "a t", "Ġ c", "Ġc at", "Ġ s", "Ġs
 
 def roberta_files(folder):
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for ch in D.bytes_to_unicode().values():
+    for ch in bpe.bytes_to_unicode().values():
         vocab[ch] = len(vocab)
     for m in ROBERTA_MERGES:
         vocab.setdefault(m.replace(" ", ""), len(vocab))
@@ -552,18 +553,18 @@ def test_roberta_tokenizer(tmp_path, max_length):
     folder = roberta_files(str(tmp_path))
     ref = transformers.RobertaTokenizer.from_pretrained(folder)
     want = ref(TEXTS, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    ids, mask = D.RobertaTokenizer.from_folder(folder)(TEXTS, max_length=max_length)
+    ids, mask = bpe.RobertaTokenizer.from_folder(folder)(TEXTS, max_length=max_length)
     assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
 
 
-def test_clip_tokenizer_from_encoder(tmp_path):
-    """The CLIP BPE lives in encoder.py: what the image / video decoders need of it, on an SD-style tokenizer/."""
+def test_clip_tokenizer_on_a_decoder_folder(tmp_path):
+    """bpe.CLIPTokenizer as the image / video decoders use it: on an SD-style tokenizer/ folder."""
     encoder = pytest.importorskip("encoder")
     gz = os.path.join(os.path.dirname(pytest.importorskip("open_clip").__file__), "bpe_simple_vocab_16e6.txt.gz")
     import gzip
     lines = gzip.open(gz, "rt", encoding="utf-8").read().split("\n")[1:49152 - 256 - 2 + 1]
     merges = [tuple(ln.split()) for ln in lines]
-    byte_chars = list(D.bytes_to_unicode().values())
+    byte_chars = list(bpe.bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
@@ -575,7 +576,7 @@ def test_clip_tokenizer_from_encoder(tmp_path):
     (tmp_path / "special_tokens_map.json").write_text(json.dumps(special))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77}))
     ref = transformers.CLIPTokenizer.from_pretrained(str(tmp_path), pad_token="<|endoftext|>")
-    ours = encoder.CLIPTokenizer.from_folder(str(tmp_path))
+    ours = bpe.CLIPTokenizer.from_folder(str(tmp_path))
     texts = ["a photo of a cat", "", "Hello, World! it's 2024"]
     want = ref(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
     assert torch.equal(ours(texts, context_length=77), want)
@@ -618,7 +619,7 @@ def test_load_image_decoder_text_embedding(tmp_path, sd_unet):
     (root / "scheduler").mkdir()
     write_sched(root / "scheduler", SD_SCHED)
     # a tiny BPE: every byte, with and without </w>, and a few merges
-    byte_chars = list(D.bytes_to_unicode().values())
+    byte_chars = list(bpe.bytes_to_unicode().values())
     merges = [("c", "a"), ("ca", "t</w>"), ("a", "</w>")]
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -634,7 +635,7 @@ def test_load_image_decoder_text_embedding(tmp_path, sd_unet):
     dec = D.load_image_decoder(str(root), sampler="ddim")
     assert isinstance(dec.sampler, D.DDIM) and isinstance(dec.unet, D.UNet2D)
     # the tokenizer itself is compared with transformers' in test_clip_tokenizer_from_encoder
-    ids = encoder.CLIPTokenizer.from_folder(str(tok_dir))(["", "a cat"], context_length=77)
+    ids = bpe.CLIPTokenizer.from_folder(str(tok_dir))(["", "a cat"], context_length=77)
     assert ids[0, :3].tolist() == [len(vocab) - 2, len(vocab) - 1, len(vocab) - 1]  # SOT, EOT, padded with EOT
     with torch.no_grad():
         want = clip(ids).last_hidden_state
