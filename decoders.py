@@ -418,8 +418,9 @@ UNET_PRESETS = UNetConfig.PRESETS = {
 UNET_PRESETS["tiny-video"] = replace(UNET_PRESETS["tiny"], video=True, attention_head_dim=8, use_linear_projection=True,
                                      down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
                                      up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
-UNET_PRESETS["tiny-audio"] = replace(UNET_PRESETS["tiny"], cross_attention_dim=(32, 64), class_embed_type="simple_projection",
-                                     projection_class_embeddings_input_dim=16, class_embeddings_concat=True)
+UNET_PRESETS["tiny-audio"] = replace(UNET_PRESETS["tiny"], cross_attention_dim=(32, 64),
+                                     class_embed_type="simple_projection", projection_class_embeddings_input_dim=16,
+                                     class_embeddings_concat=True)
 
 
 class UNetBlock(nn.Module):

@@ -16,10 +16,10 @@ import os
 import re
 from dataclasses import dataclass
 
+import sentencepiece as spm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import sentencepiece as spm
 
 import weights
 
@@ -443,7 +443,7 @@ def add_lora(model, r, alpha, dropout=0.0, targets=("q_proj", "k_proj", "v_proj"
     the LoRA tensors train (NExT-GPT then unfreezes what else it trains, e.g. its projectors)."""
     model.requires_grad_(False)
     wrapped = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and type(child) is nn.Linear:
                 setattr(module, child_name, LoRALinear(child, r, alpha, dropout))

@@ -37,7 +37,8 @@ def parse(argv):
                    help="an input audio file: wav, flac, ogg (repeatable)")
     p.add_argument("--video", action="append", default=[], metavar="PATH",
                    help="an input video: mp4, webm, mov, gif (repeatable)")
-    p.add_argument("--want", default="", metavar="LIST", help="outputs to force if the reply has none: image,video,audio")
+    p.add_argument("--want", default="", metavar="LIST",
+                   help="outputs to force if the reply has none: image,video,audio")
     p.add_argument("--ckpt", default=None, help="a folder with the official files or a nextgpt.json (default: the toy, "
                    "assets/toy)")
     p.add_argument("--out", default="out", help="output folder (default: out)")

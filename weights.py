@@ -3,8 +3,9 @@ Reading official checkpoints: the one small piece that llm.py, encoder.py and de
 
 Every official file we load goes through here, so the rules are written once:
 - never unpickle arbitrary objects: `.bin` / `.pt` / `.pth` go through `torch.load(weights_only=True, mmap=True)`;
-- memory-lean: safetensors are read tensor by tensor straight into place, `.bin` files are memory-mapped, and `place` puts each tensor
-  into the model as it is (no `copy_` into a second, randomly initialised buffer); models are built on the meta device;
+- memory-lean: safetensors are read tensor by tensor straight into place, `.bin` files are memory-mapped, and `place`
+  puts each tensor into the model as it is (no `copy_` into a second, randomly initialised buffer); models are built
+  on the meta device;
 - strict: every tensor of the file is used and every tensor of the model is filled, shapes checked, and anything
   else is an error that lists what is missing, unexpected or mis-shaped.
 """

@@ -142,6 +142,7 @@ def test_temporal_positions():
 def test_unet3d_temporal_positions_load(tmp_path):
     """A UNet3D with temporal_positions saves and loads through from_pretrained (meta-device build, strict)."""
     from dataclasses import asdict, replace
+
     from safetensors.torch import save_file
     cfg = replace(D.UNET_PRESETS["tiny"], video=True, attention_head_dim=8, use_linear_projection=True,
                   temporal_positions=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
@@ -481,8 +482,9 @@ def test_missing_folder_and_files(tmp_path, sd_unet):
 
 
 def test_missing_and_misshaped_tensors(tmp_path, sd_unet):
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
     src = sd_unet[1]
     for case in ("missing", "shape", "extra"):
         folder = tmp_path / case
@@ -559,7 +561,6 @@ def test_roberta_tokenizer(tmp_path, max_length):
 
 def test_clip_tokenizer_on_a_decoder_folder(tmp_path):
     """bpe.CLIPTokenizer as the image / video decoders use it: on an SD-style tokenizer/ folder."""
-    encoder = pytest.importorskip("encoder")
     gz = os.path.join(os.path.dirname(pytest.importorskip("open_clip").__file__), "bpe_simple_vocab_16e6.txt.gz")
     import gzip
     lines = gzip.open(gz, "rt", encoding="utf-8").read().split("\n")[1:49152 - 256 - 2 + 1]
@@ -612,7 +613,6 @@ def test_load_audio_decoder(tmp_path, audio_unet):
 
 
 def test_load_image_decoder_text_embedding(tmp_path, sd_unet):
-    encoder = pytest.importorskip("encoder")  # the CLIP tokenizer
     root = tmp_path / "sd"
     saved(sd_unet[0], root / "unet")
     saved(randomize(diffusers.AutoencoderKL(**SD_VAE), 15), root / "vae")

@@ -210,7 +210,8 @@ def test_from_pretrained_missing_file_says_where_it_comes_from(tmp_path):
 
 TEXTS = [
     "a photo of a cat", "Hello, World!!! It's 2024; don't you think? I'll we've they're she'd I'm",
-    "naïve café — résumé “quotes” ‘single’ ﬁnancial ＦＵＬＬ　ｗｉｄｔｈ ½ ² Ⅻ ①", "日本語のテキスト 中文 한국어 Ελληνικά русский",
+    "naïve café — résumé “quotes” ‘single’ ﬁnancial ＦＵＬＬ　ｗｉｄｔｈ ½ ² Ⅻ ①",
+    "日本語のテキスト 中文 한국어 Ελληνικά русский",
     "emoji 😀👍🏽 and symbols ©®™ §", "&amp; &lt;tag&gt; &quot;x&quot; &#39;", "   lots   of\t\nwhitespace\r\n here ",
     "numbers 3.14159 1,000,000 0x1F 42nd", "under_score hyphen-ated a/b\\c (parens) [brackets]", "word " * 100,
     "", "ÀÉÎÕÜ ß ǅ Ĳ", "zero\u200bwidth and\u00a0nbsp", "Mixed CASE Text WITH Caps", "''s ''t 'S 'LL",

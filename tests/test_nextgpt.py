@@ -1,4 +1,5 @@
-"""nextgpt.py: projectors against torch's nn.Transformer layout, the official delta's key set, grouping, prompts, signal tokens."""
+"""nextgpt.py: projectors against torch's nn.Transformer layout, the official delta's key set, grouping, prompts,
+signal tokens."""
 
 import os
 
@@ -201,8 +202,10 @@ def test_grouping_equals_the_official_group_projector():
     """tests/fixtures/grouping: the official GroupProjector (nextgpt/model/multimodal_projector/projector.py and
     group.py, NExT-GPT commit 60d618b) in eval mode, on sin() weights and inputs (see its README)."""
     from safetensors.torch import load_file
+
     from grouping_data import make_input, make_weights
-    fx = load_file(os.path.join(os.path.dirname(__file__), "fixtures", "grouping", "official_group_projector.safetensors"))
+    fx = load_file(os.path.join(os.path.dirname(__file__), "fixtures", "grouping",
+                                "official_group_projector.safetensors"))
     ours = nextgpt.GroupProjector(in_dim=24, out_dim=40, dim=512, depths=(1, 1, 1), group_tokens=(64, 8), heads=8)
     ours.load_state_dict(make_weights(ours.state_dict()), strict=True)  # the official names, one to one
     ours.eval()

@@ -2,7 +2,6 @@
 and the built-in showcase on the shipped toy checkpoint."""
 
 import math
-import os
 import wave
 
 import numpy as np
@@ -64,7 +63,6 @@ def test_missing_checkpoint_says_where_to_get_it(tmp_path):
     assert "imagebind_huge.pth" in str(e.value.code) and "dl.fbaipublicfiles.com" in str(e.value.code)
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(sample.TOY_CKPT, "nextgpt.json")), reason="assets/toy not built")
 def test_default_showcase_on_the_shipped_toy(tmp_path, monkeypatch, capsys):
     """`python sample.py` with no arguments: the shipped toy checkpoint, at the settings its nextgpt.json gives (32 px,
     8 frames, 1 s), every modality out; the replies name what the prompts ask for."""

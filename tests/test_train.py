@@ -183,7 +183,8 @@ def test_options_are_checked(tmp_path, capsys):
     bad_type.write_text('{"epochs": "many"}')
     not_object.write_text("[1, 2]")
     for argv, reason in ((["--learning_rate=1"], "unrecognized arguments: --learning-rate=1"),
-                         (["--lr=fast"], "--lr takes a float, not 'fast'"), (["--stage=4"], "--stage must be 1, 2 or 3"),
+                         (["--lr=fast"], "--lr takes a float, not 'fast'"),
+                         (["--stage=4"], "--stage must be 1, 2 or 3"),
                          (["--resume=maybe"], "--resume takes true or false"),
                          ([f"--config={bad_key}"], "unknown option(s) learning_rate"),
                          ([f"--config={bad_type}"], "--epochs takes an int, not 'many'"),

@@ -3,7 +3,8 @@
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file as st_load, save_file
+from safetensors.torch import load_file as st_load
+from safetensors.torch import save_file
 
 import weights
 
