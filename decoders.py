@@ -580,7 +580,7 @@ class UNet2D(nn.Module):
         return self._unet(x, self._temb(t, x, x.shape[0], class_labels), context)
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None):
+    def from_pretrained(cls, folder: str, dtype: torch.dtype | None = None, device=None) -> "nn.Module":
         """A diffusers `unet/` folder: config.json + diffusion_pytorch_model.safetensors (or .bin)."""
         cfg = UNetConfig.from_json(os.path.join(folder, "config.json"))
         if cfg.video != (cls is UNet3D):
@@ -759,7 +759,7 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None):
+    def from_pretrained(cls, folder: str, dtype: torch.dtype | None = None, device=None) -> "nn.Module":
         """A diffusers `vae/` folder; both attention namings load."""
         cfg = VAEConfig.from_json(os.path.join(folder, "config.json"))
         return _load_model(cls, cfg, folder, dtype, device, DIFFUSERS_STEMS, rename=_vae_rename)
@@ -838,7 +838,7 @@ class HiFiGAN(nn.Module):
         return torch.tanh(x).squeeze(1)  # (B, samples)
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None):
+    def from_pretrained(cls, folder: str, dtype: torch.dtype | None = None, device=None) -> "nn.Module":
         cfg = HiFiGANConfig.from_json(os.path.join(folder, "config.json"))
         return _load_model(cls, cfg, folder, dtype, device, TRANSFORMERS_STEMS)
 
@@ -927,7 +927,7 @@ class CLIPTextEncoder(nn.Module):
         return self.final_layer_norm(x)
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None):
+    def from_pretrained(cls, folder: str, dtype: torch.dtype | None = None, device=None) -> "nn.Module":
         cfg = CLIPTextConfig.from_json(os.path.join(folder, "config.json"))
         return _load_model(cls, cfg, folder, dtype, device, TRANSFORMERS_STEMS, rename=_clip_rename)
 
@@ -1039,7 +1039,7 @@ class CLAPTextEncoder(nn.Module):
         return p.linear2(ACTIVATIONS[self.cfg.projection_hidden_act](p.linear1(pooled)))
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None):
+    def from_pretrained(cls, folder: str, dtype: torch.dtype | None = None, device=None) -> "nn.Module":
         cfg = CLAPTextConfig.from_json(os.path.join(folder, "config.json"))
         return _load_model(cls, cfg, folder, dtype, device, TRANSFORMERS_STEMS, rename=_clap_rename)
 
@@ -1088,7 +1088,7 @@ class Sampler:
         self.num_inference_steps = None
 
     @classmethod
-    def from_pretrained(cls, folder, **overrides):
+    def from_pretrained(cls, folder: str, **overrides) -> "Sampler":
         """A diffusers `scheduler/` folder (scheduler_config.json). Options of other schedulers are ignored."""
         d = read_json(os.path.join(folder, "scheduler_config.json"))
         known = set(cls.defaults) | set(cls.fixed)
@@ -1269,7 +1269,7 @@ class DPMSolver(Sampler):
 SAMPLERS = {"DDIMScheduler": DDIM, "PNDMScheduler": PNDM, "DPMSolverMultistepScheduler": DPMSolver}
 
 
-def load_sampler(folder, kind=None):
+def load_sampler(folder: str, kind: str | None = None) -> Sampler:
     """The sampler a diffusers `scheduler/` folder names (or kind 'ddim', 'pndm', 'dpm'), with the folder's schedule."""
     if kind is None:
         name = read_json(os.path.join(folder, "scheduler_config.json")).get("_class_name")
@@ -1467,16 +1467,16 @@ def _load_decoder(kind, folder, dtype, device, sampler):
     return Decoder(kind, folder, unet, vae, load_sampler(sub("scheduler"), sampler), vocoder, dtype, device)
 
 
-def load_image_decoder(folder, dtype=None, device=None, sampler=None):
+def load_image_decoder(folder: str, dtype: torch.dtype | None = None, device=None, sampler=None) -> Decoder:
     """e.g. checkpoints/stable-diffusion-v1-5 (PNDM unless sampler='ddim' or 'dpm')."""
     return _load_decoder("image", folder, dtype, device, sampler)
 
 
-def load_video_decoder(folder, dtype=None, device=None, sampler=None):
+def load_video_decoder(folder: str, dtype: torch.dtype | None = None, device=None, sampler=None) -> Decoder:
     """e.g. checkpoints/zeroscope_v2_576w (DDIM)."""
     return _load_decoder("video", folder, dtype, device, sampler)
 
 
-def load_audio_decoder(folder, dtype=None, device=None, sampler=None):
+def load_audio_decoder(folder: str, dtype: torch.dtype | None = None, device=None, sampler=None) -> Decoder:
     """e.g. checkpoints/audioldm-l-full (DDIM, with vocoder/)."""
     return _load_decoder("audio", folder, dtype, device, sampler)

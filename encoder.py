@@ -412,7 +412,8 @@ class ImageBind(nn.Module):
         return next(self.parameters()).dtype
 
     @classmethod
-    def from_pretrained(cls, path=DEFAULT_CHECKPOINT, config=None, modalities=MODALITIES, dtype=None, device=None):
+    def from_pretrained(cls, path: str = DEFAULT_CHECKPOINT, config: ImageBindConfig | None = None,
+                        modalities=MODALITIES, dtype: torch.dtype | None = None, device=None) -> "ImageBind":
         """The official imagebind_huge.pth (or a file with its key names), placed strictly (weights.place) after
         dropping, on purpose, the depth / thermal / IMU tensors and those of modalities not chosen."""
         if not os.path.isfile(path):
@@ -466,7 +467,7 @@ def _normalize(x, mean, std):
     return (x - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
 
 
-def load_image(image):
+def load_image(image) -> torch.Tensor:
     """A path or PIL image (or a list of them) -> (3, 224, 224) (or (N, 3, 224, 224)), as data.py's transforms:
     Resize(224, bicubic) on the short side, CenterCrop(224), ToTensor, CLIP normalisation."""
     if isinstance(image, (list, tuple)):
@@ -487,7 +488,7 @@ def load_image(image):
     return _normalize(x.permute(2, 0, 1).float().div(255), MEAN, STD)  # (3, 224, 224)
 
 
-def load_video(path, clips=5, clip_duration=2, crop=224):
+def load_video(path: str, clips=5, clip_duration=2, crop=224) -> torch.Tensor:
     """
     A video file (mp4 / webm / mov / ..., or a GIF) -> (15, 3, 2, 224, 224): 5 clips x 3 spatial crops, clip-major,
     as data.py's load_and_transform_video_data (decord + pytorchvideo there). A video shorter than 2 s gives 5
@@ -532,7 +533,7 @@ def waveform_to_fbank(waveform, sample_rate=SAMPLE_RATE, mel_bins=128, frames=20
     return fbank.unsqueeze(0)  # (1, 128, 204)
 
 
-def load_audio(path, clips=3, clip_duration=2):
+def load_audio(path: str, clips=3, clip_duration=2) -> torch.Tensor:
     """
     An audio file -> (3, 1, 128, 204): resampled to 16 kHz, 3 clips of 2 s (identical when the audio is shorter),
     fbank, normalised with AudioSet's mean and std, as data.py's load_and_transform_audio_data.

@@ -225,7 +225,7 @@ class LLaMA(nn.Module):
         return KVCache(self.config, batch, max_len or self.config.max_seq_len, device or w.device, dtype or w.dtype)
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None):
+    def from_pretrained(cls, folder: str, dtype: torch.dtype | None = None, device=None) -> "LLaMA":
         """An HF-format folder (config.json + model*.safetensors or pytorch_model*.bin, sharded or not) -> LLaMA, loaded
         by weights.place's rules (strict, meta-device build, one copy). dtype None means float32, as transformers."""
         if not os.path.isdir(folder):
@@ -469,7 +469,7 @@ def lora_state_dict(model):
     return {n: p for n, p in model.state_dict().items() if re.search(r"\.lora_[AB]$", n)}
 
 
-def load_lora(model, state_dict):
+def load_lora(model: nn.Module, state_dict: dict) -> nn.Module:
     """
     Put LoRA tensors into a model that add_lora wrapped. Reads our naming and peft's (with or without the
     `llama_model.base_model.model.` / `base_model.model.` prefix, with or without `.default`). Every tensor of the

@@ -561,7 +561,7 @@ def set_rng_state(s):
 # ----------------------------------------------------------------------------------------------------------------------
 # The loop
 
-def train(cfg, model=None, examples=None, log=print):
+def train(cfg: TrainConfig, model: NextGPT | None = None, examples: list | None = None, log=print) -> NextGPT:
     """Train and return the model. model / examples may be given (tests); otherwise built from cfg."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))

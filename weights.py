@@ -28,7 +28,7 @@ def _listing(title, names, limit=20):
     return f"  {title} ({len(names)}):\n" + "\n".join("    " + n for n in names[:limit]) + more
 
 
-def load_file(path, dtype=None, device=None):
+def load_file(path: str, dtype: torch.dtype | None = None, device=None) -> dict:
     """One weights file -> {name: tensor}. safetensors, or a pickled state dict read with weights_only=True."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -83,7 +83,8 @@ def _cast(t, dtype, device):
     return t
 
 
-def load_folder(folder, stems=("model", "diffusion_pytorch_model", "pytorch_model"), dtype=None, device=None):
+def load_folder(folder: str, stems=("model", "diffusion_pytorch_model", "pytorch_model"),
+                dtype: torch.dtype | None = None, device=None) -> dict:
     """
     The weights of a Hugging Face style folder, whatever form they were saved in:
     `<stem>.safetensors`, sharded `<stem>-0000k-of-0000n.safetensors` + `<stem>.safetensors.index.json`,

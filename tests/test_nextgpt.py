@@ -1,6 +1,7 @@
 """nextgpt.py: projectors against torch's nn.Transformer layout, the official delta's key set, grouping, prompts,
 signal tokens."""
 
+import json
 import os
 
 import pytest
@@ -227,3 +228,29 @@ def test_guidance_per_decoder():
     strong, weak = (model.generate("hi", guidance=g, **kw) for g in (7.5, 1.0))
     assert torch.equal(mixed["image"][0], strong["image"][0]) and torch.equal(mixed["video"][0], weak["video"][0])
     assert not torch.equal(strong["video"][0], weak["video"][0])
+
+
+def test_generation_settings_have_one_source():
+    """GenerationConfig holds the official defaults; override changes only what it is given (a number for every
+    modality, or a dict for some), and changes() is what a manifest records."""
+    g = nextgpt.GenerationConfig()
+    assert (g.max_new_tokens, g.temperature, g.top_p, g.steps, g.frames, g.seconds) == (246, 0.0, 1.0, 50, 24, 9.0)
+    assert g.guidance == {"image": 7.5, "video": 7.5, "audio": 7.5}
+    assert (g.height, g.width) == ({"image": 512, "video": 320}, {"image": 512, "video": 576})
+    h = g.override(height=32, guidance={"video": 1.5}, steps=None)
+    assert h.height == {"image": 32, "video": 32} and h.guidance == {"image": 7.5, "video": 1.5, "audio": 7.5}
+    assert h.steps == 50 and g.height["image"] == 512  # None keeps; the original is untouched
+    assert h.changes() == {"height": {"image": 32, "video": 32}, "guidance": {"image": 7.5, "video": 1.5, "audio": 7.5}}
+    with pytest.raises(ValueError, match="unknown generation settings"):
+        g.override(step=3)
+
+
+def test_the_manifest_names_what_it_changes(tmp_path):
+    """A checkpoint's nextgpt.json "generation" overrides only what it names; save_manifest writes it back."""
+    model = nextgpt.tiny_random(0)
+    model.generation = nextgpt.GenerationConfig().override(steps=7, height={"image": 64})
+    model.save_manifest(str(tmp_path), {})
+    written = json.loads((tmp_path / "nextgpt.json").read_text())["generation"]
+    assert written == {"steps": 7, "height": {"image": 64, "video": 320}}
+    again = nextgpt.GenerationConfig().override(**written)
+    assert again == model.generation and again.width == {"image": 512, "video": 576}

@@ -9,6 +9,7 @@ import pytest
 import soundfile
 from PIL import Image
 
+import nextgpt
 import sample
 
 
@@ -81,3 +82,22 @@ def test_default_showcase_on_the_shipped_toy(tmp_path, monkeypatch, capsys):
     assert sr == 16000 and wave_.shape == (16000,)
     assert toy.measure_audio(wave_) == ("high", 2)
     assert "showcase done" in capsys.readouterr().out
+
+
+def test_settings_come_from_the_checkpoint_then_the_command_line(tmp_path, monkeypatch):
+    """The toy's nextgpt.json sets 20 steps, 32 px, 8 frames, 1 s; --steps 2 changes the steps alone."""
+    seen = []
+    original = nextgpt.NextGPT.generate
+
+    def spy(self, prompt, **kw):
+        settings = {k: v for k, v in kw.items() if k in sample.SETTINGS}
+        seen.append(self.generation.override(**settings))
+        return original(self, prompt, **kw)
+
+    monkeypatch.setattr(nextgpt.NextGPT, "generate", spy)
+    sample.main(["--prompt", "Draw a red circle.", "--want", "image", "--steps", "2", "--out", str(tmp_path)])
+    g = seen[0]
+    assert g.steps == 2 and g.height == {"image": 32, "video": 32} and (g.frames, g.seconds) == (8, 1.0)
+    assert g.guidance == {"image": 3.0, "video": 1.5, "audio": 3.0} and g.max_new_tokens == 24
+    with Image.open(tmp_path / "image_0.png") as im:
+        assert im.size == (32, 32)
