@@ -10,7 +10,6 @@ The reference side is built in tests/reference.py with the libraries of requirem
 open_clip), which the project itself never imports.
 """
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -19,6 +18,8 @@ import tempfile
 import time
 
 import torch
+
+import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "tests"))  # tests/reference.py
@@ -203,8 +204,7 @@ BENCHES = {"llama": bench_llama, "llama-load-memory": bench_llama_load_memory, "
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="bench.py", usage="%(prog)s [options]  (--help lists them)", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = cli.parser("bench.py", __doc__)
     p.add_argument("--only", default="", metavar="TEXT", help=f"run the entries whose name contains this: "
                    f"{', '.join(BENCHES)} (default: all)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of each side; the median counts (default: 5)")

@@ -1,13 +1,16 @@
 """
-Byte-level BPE, the tokenizers of the text encoders around NExT-GPT: CLIP's (ImageBind's text trunk, Stable Diffusion's
-and Zeroscope's text encoders) and RoBERTa's (AudioLDM's CLAP). One implementation of the merge loop and of the
-Unicode classes the official pre-tokenisation patterns need, for encoder.py and decoders.py.
+The tokenizers of NExT-GPT, all byte-pair encodings: the byte-level BPE of the text encoders around it, CLIP's
+(ImageBind's text trunk, Stable Diffusion's and Zeroscope's text encoders) and RoBERTa's (AudioLDM's CLAP), with one
+merge loop and the Unicode classes their official pre-tokenisation patterns need; and LLaMA's sentencepiece BPE with the
+38 tokens NExT-GPT adds (LLaMATokenizer, and train_sentencepiece for the toy world's and the tiny model's).
 
 References
 - Sennrich et al. 2016, Neural Machine Translation of Rare Words with Subword Units, https://arxiv.org/abs/1508.07909
 - CLIP's simple_tokenizer.py (= ImageBind's SimpleTokenizer, open_clip's), https://github.com/openai/CLIP
 - GPT-2's encoder.py (byte-to-unicode table, the pre-tokenisation pattern RoBERTa reuses), https://github.com/openai/gpt-2
-- transformers: models/clip/tokenization_clip.py, models/roberta/tokenization_roberta.py
+- transformers: models/clip/tokenization_clip.py, models/roberta/tokenization_roberta.py,
+  models/llama/tokenization_llama.py (the slow tokenizer of 4.29, which NExT-GPT was trained with)
+- sentencepiece, https://github.com/google/sentencepiece
 """
 
 import functools
@@ -20,6 +23,7 @@ import re
 import sys
 import unicodedata
 
+import sentencepiece as spm
 import torch
 
 import weights
@@ -276,3 +280,84 @@ def byte_vocab(kind):
     if kind == "roberta":
         return ["<s>", "<pad>", "</s>", "<unk>"] + chars
     raise ValueError(f"byte_vocab: kind must be 'clip' or 'roberta', not {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LLaMA's tokenizer: a sentencepiece BPE over text, plus the tokens NExT-GPT adds
+
+class LLaMATokenizer:
+    """
+    sentencepiece `tokenizer.model` (LLaMA's) plus added tokens given as strings, which get the ids after the
+    sentencepiece vocabulary (NExT-GPT: 38 tokens, ids 32000..32037) and are never split.
+    """
+
+    def __init__(self, model_path, special_tokens=()):
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"sentencepiece model not found: {model_path} (the LLaMA folder's tokenizer.model)")
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.special = {}  # text -> id
+        self.add_special_tokens(special_tokens)
+
+    def add_special_tokens(self, tokens):
+        for t in tokens:
+            if t not in self.special:
+                self.special[t] = self.sp.get_piece_size() + len(self.special)
+        self.special_by_id = {i: t for t, i in self.special.items()}
+        # longest first, so that a token that is a prefix of another never wins
+        alternatives = sorted(self.special, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
+
+    def __len__(self):
+        return self.sp.get_piece_size() + len(self.special)
+
+    def encode(self, text, bos=True):
+        ids = [self.bos_id] if bos else []
+        # re.split with a group keeps the separators: special tokens land at the odd places
+        chunks = self._split.split(text) if self._split else [text]
+        for k, chunk in enumerate(chunks):
+            if k % 2:
+                ids.append(self.special[chunk])
+                continue
+            # Whitespace next to an added token is dropped, as the slow LlamaTokenizer of transformers 4.29 (which
+            # NExT-GPT was trained with) does for tokens added by add_tokens: "### Human: <Img>" is "### Human:" <Img>.
+            if k > 0:
+                chunk = chunk.lstrip()
+            if k < len(chunks) - 1:
+                chunk = chunk.rstrip()
+            if chunk:
+                ids.extend(self.sp.encode(chunk))
+        return ids
+
+    def decode(self, ids):
+        out, run = [], []
+        for i in list(map(int, ids)) + [None]:  # None flushes the last run
+            if i is None or i in self.special_by_id:
+                if run:
+                    text = self.sp.decode(run)
+                    # sentencepiece drops the word-start space of a run; keep it when the run follows other text
+                    if out and self.sp.id_to_piece(run[0]).startswith("\u2581"):
+                        text = " " + text
+                    out.append(text)
+                run = []
+                if i is not None:
+                    out.append(self.special_by_id[i])
+            else:
+                run.append(i)
+        return "".join(out)
+
+
+
+def train_sentencepiece(text, vocab_size, prefix, add_dummy_prefix=True):
+    """A LLaMA-style sentencepiece BPE (no normalisation, spaces kept, digits split) trained on text -> its .model path
+    (the toy world's LLM, the tiny random model). add_dummy_prefix=False makes "###" alone one piece (with the prefix
+    it is ['▁', '###']), as id 835 is in LLaMA's vocabulary. Asks for at most vocab_size pieces: a short text gives
+    fewer."""
+    with open(prefix + ".txt", "w") as f:
+        f.write(text)
+    spm.SentencePieceTrainer.train(
+        input=prefix + ".txt", model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, user_defined_symbols=["###", "\n"], byte_fallback=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False,
+        add_dummy_prefix=add_dummy_prefix, num_threads=1, minloglevel=2)
+    return prefix + ".model"

@@ -1,5 +1,5 @@
 """
-The language model of NExT-GPT: LLaMA / Vicuna-7B, with a KV cache, a hand-written LoRA and the sentencepiece tokenizer.
+The language model of NExT-GPT: LLaMA / Vicuna-7B, with a KV cache and a hand-written LoRA (its tokenizer: bpe.py).
 
 References
 - LLaMA: Touvron et al. 2023, https://arxiv.org/abs/2302.13971 (RMSNorm, SwiGLU, rotary embeddings)
@@ -16,7 +16,6 @@ import os
 import re
 from dataclasses import dataclass
 
-import sentencepiece as spm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -329,86 +328,6 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Tokenizer
-
-class Tokenizer:
-    """
-    sentencepiece `tokenizer.model` (LLaMA's) plus added tokens given as strings, which get the ids after the
-    sentencepiece vocabulary (NExT-GPT: 38 tokens, ids 32000..32037) and are never split.
-    """
-
-    def __init__(self, model_path, special_tokens=()):
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"sentencepiece model not found: {model_path} (the LLaMA folder's tokenizer.model)")
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.special = {}  # text -> id
-        self.add_special_tokens(special_tokens)
-
-    def add_special_tokens(self, tokens):
-        for t in tokens:
-            if t not in self.special:
-                self.special[t] = self.sp.get_piece_size() + len(self.special)
-        self.special_by_id = {i: t for t, i in self.special.items()}
-        # longest first, so that a token that is a prefix of another never wins
-        alternatives = sorted(self.special, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
-
-    def __len__(self):
-        return self.sp.get_piece_size() + len(self.special)
-
-    def encode(self, text, bos=True):
-        ids = [self.bos_id] if bos else []
-        # re.split with a group keeps the separators: special tokens land at the odd places
-        chunks = self._split.split(text) if self._split else [text]
-        for k, chunk in enumerate(chunks):
-            if k % 2:
-                ids.append(self.special[chunk])
-                continue
-            # Whitespace next to an added token is dropped, as the slow LlamaTokenizer of transformers 4.29 (which
-            # NExT-GPT was trained with) does for tokens added by add_tokens: "### Human: <Img>" is "### Human:" <Img>.
-            if k > 0:
-                chunk = chunk.lstrip()
-            if k < len(chunks) - 1:
-                chunk = chunk.rstrip()
-            if chunk:
-                ids.extend(self.sp.encode(chunk))
-        return ids
-
-    def decode(self, ids):
-        out, run = [], []
-        for i in list(map(int, ids)) + [None]:  # None flushes the last run
-            if i is None or i in self.special_by_id:
-                if run:
-                    text = self.sp.decode(run)
-                    # sentencepiece drops the word-start space of a run; keep it when the run follows other text
-                    if out and self.sp.id_to_piece(run[0]).startswith("\u2581"):
-                        text = " " + text
-                    out.append(text)
-                run = []
-                if i is not None:
-                    out.append(self.special_by_id[i])
-            else:
-                run.append(i)
-        return "".join(out)
-
-
-
-def train_sentencepiece(text, vocab_size, prefix, add_dummy_prefix=True):
-    """A LLaMA-style sentencepiece BPE (no normalisation, spaces kept, digits split) trained on text -> its .model path
-    (the toy world's LLM, the tiny random model). add_dummy_prefix=False makes "###" alone one piece (with the prefix
-    it is ['▁', '###']), as id 835 is in LLaMA's vocabulary. Asks for at most vocab_size pieces: a short text gives
-    fewer."""
-    with open(prefix + ".txt", "w") as f:
-        f.write(text)
-    spm.SentencePieceTrainer.train(
-        input=prefix + ".txt", model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, user_defined_symbols=["###", "\n"], byte_fallback=False,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False,
-        add_dummy_prefix=add_dummy_prefix, num_threads=1, minloglevel=2)
-    return prefix + ".model"
 
 # ----------------------------------------------------------------------------------------------------------------------
 # LoRA, by hand (no peft at run time)

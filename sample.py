@@ -11,13 +11,13 @@ Writes reply.txt, image_N.png, video_N.gif (and .mp4), audio_N.wav into --out. T
 official ones (nextgpt.GenerationConfig), then what the checkpoint's nextgpt.json names, then the options given here.
 """
 
-import argparse
 import os
 import sys
 import time
 
 import torch
 
+import cli
 import media
 import nextgpt
 
@@ -28,8 +28,7 @@ SETTINGS = ("max_new_tokens", "temperature", "top_p", "seed", "steps", "guidance
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="sample.py", usage="%(prog)s [options]  (--help lists them)", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = cli.parser("sample.py", __doc__)
     p.add_argument("--prompt", help="the user's message; <image> / <video> / <audio> mark where inputs sit "
                    "(default: the checkpoint's showcase)")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an input image (repeatable)")

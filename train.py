@@ -19,9 +19,7 @@ References: NExT-GPT-Lagacy/code/model/anyToImageVideoAudio.py (stages, losses),
 dsconfig/stage_*.json (optimiser); the new code's denoising loss (nextgpt/model/nextgpt_arch.py).
 """
 
-import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -41,6 +39,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import cli
 import decoders
 import media
 import nextgpt
@@ -105,102 +104,25 @@ STAGE_PRESETS = {  # what each stage changes in TrainConfig's defaults (dsconfig
 }
 
 
-def field_help(cls):
-    """{field: its comment} from a config dataclass's source: each option is explained once, where it is defined."""
-    comments = re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.MULTILINE)
-    return dict(comments)
-
-
-def parse_value(value, default, name):
-    """A value from the command line (text) or a config file (JSON), typed as the field's default: bool, int,
-    float, str or a tuple of them. A value that does not fit raises ValueError naming the option."""
-    if isinstance(default, bool):  # before int: a bool is an int
-        words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-        if isinstance(value, bool) or str(value).lower() in words:
-            return value if isinstance(value, bool) else words[str(value).lower()]
-        raise ValueError(f"--{name} takes true or false, not {value!r}")
-    if isinstance(default, tuple):
-        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-        kinds = [type(x) for x in default] or [str]
-        try:
-            return tuple(kinds[min(k, len(kinds) - 1)](x) for k, x in enumerate(items))
-        except ValueError:
-            raise ValueError(f"--{name} takes values like {','.join(map(str, default))}, not {value!r}") from None
-    typ = type(default)
-    if isinstance(value, str) or type(value) is typ or (typ is float and type(value) is int):
-        try:
-            return typ(value)
-        except ValueError:
-            pass
-    raise ValueError(f"--{name} takes {'an' if typ is int else 'a'} {typ.__name__}, not {value!r}")
-
-
-def add_config_options(parser, cls, defaults=None):
-    """An option --field-name (or --field_name) for every field of a config dataclass, its help the field's comment.
-    Values are kept as given (typed later by config_from), so that only the options a user gives override."""
-    defaults = defaults or cls()
-    notes = field_help(cls)
-    group = parser.add_argument_group(f"{cls.__name__} fields (--key=value or --key value)")
-    for f in dataclasses.fields(cls):
-        value = getattr(defaults, f.name)
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else '""' if value == "" else value
-        kw = dict(nargs="?", const="true", metavar="BOOL") if isinstance(value, bool) else \
-            dict(metavar=type(value).__name__.upper())
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                           help=f"{notes.get(f.name, '')} (default: {shown})", **kw)
-
-
-def config_from(cls, values, base=None):
-    """base (or the defaults) with values {field: text or JSON value} set, each typed as its field; a bad value or an
-    unknown field raises ValueError naming it."""
-    base = base or cls()
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)}; the options are: {', '.join(sorted(names))}")
-    return dataclasses.replace(base, **{k: parse_value(v, getattr(base, k), k) for k, v in values.items()})
-
-
-def underscores_to_dashes(argv):
-    """--max_steps=3 -> --max-steps=3: both spellings of a field's option are accepted, the dashed one is shown."""
-    return [a.split("=", 1)[0].replace("_", "-") + a[len(a.split("=", 1)[0]):] if a.startswith("--") else a
-            for a in argv]
-
-
 def parse_args(argv):
     """-> (TrainConfig, prepare). The stage's preset first, then --config=file.json, then the options given."""
-    p = argparse.ArgumentParser(prog="train.py", usage="%(prog)s [options]  (--help lists them)", description=__doc__,
-                                allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("train.py", __doc__)
     p.add_argument("--prepare", action="store_true", help="write the ImageBind features and caption embeddings of "
                    "--data into --features-dir (once, before training), then stop")
     p.add_argument("--config", metavar="FILE.json", help="a JSON object of TrainConfig fields; options given on the "
                    "command line override it")
-    add_config_options(p, TrainConfig)
-    args = vars(p.parse_args(underscores_to_dashes(argv)))
+    cli.add_config_options(p, TrainConfig)
+    args = vars(p.parse_args(cli.underscores_to_dashes(argv)))
     prepare, config_file = args.pop("prepare"), args.pop("config")
     try:
-        in_file = read_config_file(config_file) if config_file else {}
-        stage = parse_value(args.get("stage", in_file.get("stage", 1)), 1, "stage")
+        in_file = cli.read_json_object(config_file, "--config") if config_file else {}
+        stage = cli.parse_value(args.get("stage", in_file.get("stage", 1)), 1, "stage")
         if stage not in STAGE_PRESETS:
             raise ValueError(f"--stage must be 1, 2 or 3 (got {stage})")
-        cfg = config_from(TrainConfig, {**STAGE_PRESETS[stage], **in_file, **args, "stage": stage})
+        cfg = cli.config_from(TrainConfig, {**STAGE_PRESETS[stage], **in_file, **args, "stage": stage})
     except ValueError as e:
         p.error(str(e))
     return cfg, prepare
-
-
-def read_config_file(path):
-    try:
-        with open(path) as f:
-            values = json.load(f)
-    except OSError as e:
-        raise ValueError(f"--config {path}: {e.strerror}; give the path of a JSON file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--config {path} is not JSON: {e}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path} must hold a JSON object of TrainConfig fields, not {type(values).__name__}")
-    return values
 
 
 # ----------------------------------------------------------------------------------------------------------------------

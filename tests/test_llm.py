@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import bpe
 import llm
 import weights
 
@@ -268,7 +269,7 @@ NEXTGPT_TOKENS = ["<Img>", "</Img>"] + [f"[IMG{i}]" for i in range(4)] + [f"[VID
 
 
 def test_tokenizer_round_trip_and_special_tokens(sp_model):
-    tok = llm.Tokenizer(sp_model, NEXTGPT_TOKENS)
+    tok = bpe.LLaMATokenizer(sp_model, NEXTGPT_TOKENS)
     n = tok.sp.get_piece_size()
     assert len(tok) == n + 38
     assert tok.special["<Img>"] == n and tok.special["[VID0]"] == n + 6 and tok.special["[AUD7]"] == n + 37
@@ -286,7 +287,7 @@ def test_tokenizer_round_trip_and_special_tokens(sp_model):
     assert tok.encode("### Human: <Img> </Img>  draw", bos=False) == \
         tok.sp.encode("### Human:") + [tok.special["<Img>"], tok.special["</Img>"]] + tok.sp.encode("draw")
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
-        llm.Tokenizer("/nonexistent/tokenizer.model")
+        bpe.LLaMATokenizer("/nonexistent/tokenizer.model")
 
 
 def test_tokenizer_matches_transformers(sp_model, tmp_path):
@@ -296,7 +297,7 @@ def test_tokenizer_matches_transformers(sp_model, tmp_path):
     shutil.copy(sp_model, tmp_path / "tokenizer.model")
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), legacy=True)
     hf.add_tokens(NEXTGPT_TOKENS)  # as NExT-GPT's legacy code adds them
-    tok = llm.Tokenizer(sp_model, NEXTGPT_TOKENS)
+    tok = bpe.LLaMATokenizer(sp_model, NEXTGPT_TOKENS)
     # (added tokens are left out: transformers 5 keeps the spaces around them, 4.29 dropped them; see above)
     for text in ["a red circle", "the cat sat on the mat.", "Numbers 1 2 3 and 45", "### Human: describe this",
                  "ünïcödé\n### Assistant: a blue  square "]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import llm
+import bpe
 import nextgpt
 import weights
 from nextgpt import NextGPT, NextGPTConfig, OutputProjector
@@ -118,14 +118,14 @@ def test_grouping_projector():
 def tiny(tiny_sp_model):
     torch.manual_seed(0)
     config = NextGPTConfig.preset("tiny")
-    tok = llm.Tokenizer(tiny_sp_model, config.added_tokens)
+    tok = bpe.LLaMATokenizer(tiny_sp_model, config.added_tokens)
     return NextGPT(config, tokenizer=tok).eval()
 
 
 def test_tokenizer_and_model_must_agree(tiny_sp_model):
     config = NextGPTConfig.preset("tiny")
     with pytest.raises(ValueError, match="tokenizer has"):
-        NextGPT(config, tokenizer=llm.Tokenizer(tiny_sp_model, config.added_tokens[:-1]))
+        NextGPT(config, tokenizer=bpe.LLaMATokenizer(tiny_sp_model, config.added_tokens[:-1]))
 
 
 def test_prompt_embeds_splice_inputs_where_they_sit(tiny):
