@@ -250,7 +250,17 @@ class NextGPT(nn.Module):
         if tokenizer is not None and len(tokenizer) != c.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens with its added ones, the model "
                              f"{c.vocab_size}: is tokenizer.model the LLM's, with NextGPTConfig.added_tokens added?")
-        if self.llm.lm_head.out_features == c.llm.vocab_size:  # a base LLM: add the rows of the 38 new tokens
+        got = self.llm.config
+        shape = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim")
+        if any(getattr(got, k) != getattr(c.llm, k) for k in shape):
+            raise ValueError(f"the LLM is {({k: getattr(got, k) for k in shape})}, this NExT-GPT's "
+                             f"{({k: getattr(c.llm, k) for k in shape})}: is its config.json a different model "
+                             "(the released weights sit on Vicuna-7B v0)?")
+        rows = self.llm.lm_head.out_features
+        if rows != c.vocab_size:  # a base LLM: rows for the new tokens. Vicuna v0 from FastChat v0.1.10 has 32,001
+            if not c.llm.vocab_size <= rows < c.vocab_size:  # (its [PAD]); as the legacy code, resize to the tokenizer's
+                raise ValueError(f"the LLM has {rows} token rows: expected {c.llm.vocab_size} (a base LLM, or one more "
+                                 f"for FastChat's [PAD]) or {c.vocab_size} (with NExT-GPT's {len(c.added_tokens)})")
             resize_vocab(self.llm, c.vocab_size)
         D = c.llm.dim
         if c.input_proj == "linear":
