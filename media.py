@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageSequence
 
 GIF_FPS = 8  # what the writers use: the toy world's 8-frame clips last one second
+MAX_SECONDS = 3600  # longer audio and video is refused: every frame would be decoded to pick a few clips
 
 
 class MediaError(ValueError):
@@ -34,12 +35,21 @@ def check_file(path, kind):
 # Readers
 
 def read_image(path):
-    """-> a PIL RGB image."""
+    """-> a PIL RGB image. Palette, grey and alpha images become RGB as the official code has them (convert("RGB"):
+    alpha dropped); 16-bit and 32-bit grey ones are scaled to 8 bits first (convert would clip them to white)."""
     check_file(path, "image")
     try:
         with Image.open(path) as f:
+            if f.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                a = np.asarray(f, dtype=np.float64)
+                if not np.isfinite(a).all():
+                    raise MediaError(f"image {path} has non-finite pixels (NaN or infinity)")
+                top = 1.0 if f.mode == "F" and a.max() <= 1.0 else 65535.0 if f.mode != "F" else 255.0
+                f = Image.fromarray((a.clip(0, top) / top * 255).round().astype(np.uint8))
             return f.convert("RGB")
-    except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
+    except MediaError:
+        raise
+    except Exception as e:  # PIL.UnidentifiedImageError, truncated files, decompression bombs, ...
         raise MediaError(f"cannot read image {path}: {e}") from e
 
 
@@ -73,6 +83,9 @@ def read_video(path):
         raise MediaError(f"cannot read video {path}: {e}") from e
     if not rate or count == 0:
         raise MediaError(f"video has no frames: {path}")
+    if count / float(rate) > MAX_SECONDS:
+        raise MediaError(f"video {path} lasts {count / float(rate):.0f} s: at most {MAX_SECONDS} s are read "
+                         "(ImageBind looks at five 2 s clips); cut it first")
 
     def get(idx):
         frames = decode(set(idx))
@@ -88,9 +101,17 @@ def read_audio(path):
     """-> (waveform (C, N) float32 in [-1, 1], sample rate), like torchaudio.load."""
     check_file(path, "audio")
     try:
+        info = soundfile.info(path)
+        if info.frames > MAX_SECONDS * info.samplerate:
+            raise MediaError(f"audio {path} lasts {info.frames / info.samplerate:.0f} s: at most {MAX_SECONDS} s are "
+                             "read (ImageBind looks at three 2 s clips); cut it first")
         data, sr = soundfile.read(path, dtype="float32", always_2d=True)  # (N, C), ints scaled as torchaudio does
+    except MediaError:
+        raise
     except Exception as e:  # soundfile.LibsndfileError and friends
         raise MediaError(f"cannot read audio {path}: {e}") from e
+    if not np.isfinite(data).all():
+        raise MediaError(f"audio {path} has non-finite samples (NaN or infinity)")
     return torch.from_numpy(data.T.copy()), sr
 
 

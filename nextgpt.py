@@ -17,6 +17,7 @@ References
 """
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -151,7 +152,35 @@ class GenerationConfig:
             if isinstance(old, dict):
                 v = {**old, **(v if isinstance(v, dict) else dict.fromkeys(old, v))}
             new[k] = v
-        return replace(self, **new)
+        return replace(self, **new).check()
+
+    def check(self):
+        """Every setting within its rule, or a ValueError that names the setting, the rule and the value."""
+        def fail(name, rule, value):
+            raise ValueError(f"{name} must be {rule} (got {value})")
+
+        for name, low, high in (("max_new_tokens", 1, 8192), ("steps", 1, 1000), ("frames", 1, 128)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                fail(name, f"an integer from {low} to {high}", v)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            fail("seed", "an integer from 0 to 2^63 - 1", self.seed)
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        if not (number(self.temperature) and 0 <= self.temperature <= 100):
+            fail("temperature", "from 0 (greedy) to 100", self.temperature)
+        if not (number(self.top_p) and 0 < self.top_p <= 1):
+            fail("top_p", "in (0, 1]", self.top_p)
+        if not (number(self.seconds) and 0.1 <= self.seconds <= 60):
+            fail("seconds", "from 0.1 to 60 (AudioLDM's clips are 10 s)", self.seconds)
+        for m, g in self.guidance.items():
+            if not (number(g) and 0 <= g <= 100):
+                fail(f"guidance ({m})", "from 0 to 100 (1: no guidance; the official 7.5)", g)
+        for name in ("height", "width"):
+            for m, v in getattr(self, name).items():
+                if isinstance(v, bool) or not isinstance(v, int) or not 8 <= v <= 2048 or v % 8:
+                    fail(f"{name} ({m})", "a multiple of 8 from 8 to 2048 (the decoders' VAEs work in 8-pixel "
+                         "cells)", v)
+        return self
 
     def changes(self):
         """What differs from the official settings (what a manifest records)."""
@@ -257,8 +286,10 @@ class NextGPT(nn.Module):
                              f"{({k: getattr(c.llm, k) for k in shape})}: is its config.json a different model "
                              "(the released weights sit on Vicuna-7B v0)?")
         rows = self.llm.lm_head.out_features
-        if rows != c.vocab_size:  # a base LLM: rows for the new tokens. Vicuna v0 from FastChat v0.1.10 has 32,001
-            if not c.llm.vocab_size <= rows < c.vocab_size:  # (its [PAD]); as the legacy code, resize to the tokenizer's
+        # a base LLM gets rows for the new tokens; Vicuna v0 from FastChat v0.1.10 has one more row (its [PAD]), and
+        # as in the legacy code it is resized to the tokenizer's length all the same
+        if rows != c.vocab_size:
+            if not c.llm.vocab_size <= rows < c.vocab_size:
                 raise ValueError(f"the LLM has {rows} token rows: expected {c.llm.vocab_size} (a base LLM, or one more "
                                  f"for FastChat's [PAD]) or {c.vocab_size} (with NExT-GPT's {len(c.added_tokens)})")
             resize_vocab(self.llm, c.vocab_size)
@@ -562,10 +593,16 @@ class NextGPT(nn.Module):
         manifest = os.path.join(ckpt, MANIFEST)
         m = weights.read_json(manifest) if os.path.isfile(manifest) else None
         if m is not None:
-            config = NextGPTConfig.from_dict(m["config"])
-            files = {k: (v, f"named in {manifest}") for k, v in m["files"].items()}
+            try:
+                config = NextGPTConfig.from_dict(m["config"])
+                files = {k: (str(v), f"named in {manifest}") for k, v in m["files"].items()}
+                generation = GenerationConfig().override(**m.get("generation", {}))
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise weights.CheckpointError(
+                    f"{manifest} is not a NExT-GPT manifest ({type(e).__name__}: {e}); it holds \"config\" (the "
+                    "fields of NextGPTConfig) and \"files\"; NextGPT.save_manifest writes one") from None
         else:
-            config, files, m = NextGPTConfig.preset("7b_tiva_v0"), OFFICIAL_FILES, {}
+            config, files, m, generation = NextGPTConfig.preset("7b_tiva_v0"), OFFICIAL_FILES, {}, GenerationConfig()
         paths = {name: os.path.join(ckpt, rel) for name, (rel, _) in files.items()}
         if delta is not None:
             paths["delta"] = delta
@@ -589,7 +626,7 @@ class NextGPT(nn.Module):
         if paths.get("delta"):
             model.load_delta(paths["delta"])
         model.source = {k: os.path.abspath(p) for k, p in paths.items() if p}  # where each piece came from
-        model.generation = GenerationConfig().override(**m.get("generation", {}))
+        model.generation = generation
         model.showcase = [{**turn, **{k: [os.path.join(ckpt, p) for p in turn[k]]
                                       for k in ("images", "videos", "audios") if k in turn}}
                           for turn in m.get("showcase", [])]

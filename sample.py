@@ -59,6 +59,7 @@ def parse(argv):
                    help="the official inference: the prompt ends at 'Assistant:' and the projector reads "
                         "its hidden states one position early")
     p.add_argument("--tiny-random", action="store_true", help="random tiny weights: a smoke test of every path")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: NEXTGPT_DEBUG=1)")
     args = p.parse_args(argv)
     want = [w.strip() for w in args.want.split(",") if w.strip()]
     bad = [w for w in want if w not in nextgpt.MODALITIES]
@@ -69,22 +70,46 @@ def parse(argv):
         for path in getattr(args, kind):
             if not os.path.isfile(path):
                 p.error(f"--{kind} {path}: no such file")
+    try:  # the settings' rules, before anything loads (the checkpoint's own settings are checked when it loads)
+        nextgpt.GenerationConfig().override(**{k: getattr(args, k) for k in SETTINGS})
+    except ValueError as e:
+        name, _, rest = str(e).partition(" ")
+        rest = rest.split(") ", 1)[1] if rest.startswith("(") else rest  # --height / --guidance: every modality's
+        p.error(f"--{name.replace('_', '-')} {rest}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file; give a folder (it is made if missing)")
+    parent = args.out if os.path.isdir(args.out) else os.path.dirname(os.path.abspath(args.out))
+    while not os.path.isdir(parent):  # the nearest folder that exists: the rest is made
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        p.error(f"--out {args.out}: {parent} is not writable; give a folder you can write to")
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
 def pick_device(name):
-    if name:
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """A device this machine has: the name given, or the first of cuda, mps, cpu."""
+    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device name; use cuda, cuda:N, mps or cpu") from None
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not mps):
+        raise ValueError(f"--device {name}: this machine has no {kind.upper()} device that torch can use; use "
+                         f"--device cpu, or leave --device out to take the first there is")
+    if kind not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"--device {name}: only cuda, mps and cpu are supported")
+    return name
 
 
 def load(args):
-    device = pick_device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
+    device = args.device
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float16 if device.startswith("cuda") else torch.float32
     if args.tiny_random:
         return nextgpt.tiny_random(args.seed or 0).to(device)
     # on a GPU the backbones wait on the CPU and visit the GPU one at a time (README.md, 'Memory')
@@ -129,6 +154,17 @@ def showcase(model, args):
 
 def main(argv):
     args = parse(argv)
+    try:
+        generate(args)
+    except (OSError, ValueError) as e:  # a missing or damaged file, unreadable media: say which, write nothing
+        if args.debug or os.environ.get("NEXTGPT_DEBUG"):
+            raise
+        sys.exit(f"sample.py: {e}")
+    except KeyboardInterrupt:
+        sys.exit("sample.py: interrupted (the files written so far are whole)")
+
+
+def generate(args):
     if args.ckpt is None and not args.tiny_random:
         if os.path.isfile(os.path.join(TOY_CKPT, nextgpt.MANIFEST)):
             args.ckpt = TOY_CKPT
@@ -137,18 +173,12 @@ def main(argv):
                   "random tiny weights (--tiny-random): every path works, the outputs are noise. For real outputs "
                   "pass --ckpt with the official files (README.md, 'Weights').")
             args.tiny_random = True
-    try:
-        model = load(args)
-    except FileNotFoundError as e:
-        sys.exit(f"sample.py: {e}")
+    model = load(args)
     if args.prompt is None:
         if model.showcase:
             return showcase(model, args)
         args.prompt, args.want = "Draw a picture, show a video and play a sound.", args.want or list(nextgpt.MODALITIES)
-    try:
-        run(model, args, args.prompt, args.image, args.audio, args.video, args.want)
-    except (ValueError, OSError) as e:  # unreadable media, bad markers: name the problem, write nothing
-        sys.exit(f"sample.py: {e}")
+    run(model, args, args.prompt, args.image, args.audio, args.video, args.want)
 
 
 if __name__ == "__main__":

@@ -114,8 +114,11 @@ def load_folder(folder: str, stems=("model", "diffusion_pytorch_model", "pytorch
 def read_json(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); restore or download it again") from None
 
 
 def check(module, state_dict, what="checkpoint", partial=False, required=()):
