@@ -78,7 +78,7 @@ class TrainConfig:
     # engine
     lora: bool = False  # LoRA on the LLM (stage 3)
     grad_checkpointing: bool = False  # recompute the LLM's activations in backward: less memory, more time
-    dtype: str = "auto"  # auto or bf16: bf16 autocast on CUDA; fp32 on CPU
+    dtype: str = "auto"  # auto or bf16: bf16 autocast on CUDA (on the CPU none); fp32: none
     device: str = "auto"  # auto: cuda (this process's LOCAL_RANK) if there is one, else cpu
     seed: int = 0  # initialisation and batch order
     log_every: int = 10  # steps between printed loss lines; 0: none (log.jsonl has every step)
@@ -86,6 +86,28 @@ class TrainConfig:
     keep: int = 1  # how many saves to keep (the newest)
     resume: bool = False  # continue from out_dir's latest checkpoint, exactly
     tiny_random: bool = False  # nextgpt.tiny_random instead of ckpt: every path in seconds (tests, smoke runs)
+
+    def check(self):
+        """Every option within its rule, or a ValueError naming the option, the rule and the value."""
+        rules = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "max_len": 1, "keep": 1, "max_steps": 0, "seed": 0,
+                 "log_every": 0, "save_every": 0}
+        for name, low in rules.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer of at least {low} "
+                                 f"(got {getattr(self, name)})")
+        for name in ("lr", "min_lr", "weight_decay", "warmup", "clip", "nll_weight", "align_weight",
+                     "video_align_weight", "denoise_weight"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a number of at least 0 (got {v})")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1) (got {getattr(self, name)})")
+        for name, allowed in (("input_proj", ("", "linear", "group")), ("dtype", ("auto", "bf16", "fp32"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(map(repr, allowed))} "
+                                 f"(got {getattr(self, name)!r})")
+        return self
 
     @property
     def trains(self):
@@ -119,7 +141,7 @@ def parse_args(argv):
         stage = cli.parse_value(args.get("stage", in_file.get("stage", 1)), 1, "stage")
         if stage not in STAGE_PRESETS:
             raise ValueError(f"--stage must be 1, 2 or 3 (got {stage})")
-        cfg = cli.config_from(TrainConfig, {**STAGE_PRESETS[stage], **in_file, **args, "stage": stage})
+        cfg = cli.config_from(TrainConfig, {**STAGE_PRESETS[stage], **in_file, **args, "stage": stage}).check()
     except ValueError as e:
         p.error(str(e))
     return cfg, prepare
@@ -142,10 +164,19 @@ def signal_text(config, modality):
 
 def read_data(path, cfg, config):
     """One data file -> (examples, problems). A bad record is reported with its file and index and skipped."""
-    with open(path) as f:
-        records = json.load(f)
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except OSError as e:
+        raise ValueError(f"data file {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"data file {path} is not JSON ({e}); the data files are the official JSON formats "
+                         "(README.md, 'Training')") from None
     if isinstance(records, dict):
         records = records.get("data", [records])
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"data file {path} holds {'no records' if records == [] else type(records).__name__}: it "
+                         "needs a JSON list of records (or {\"data\": [...]})")
     folder = cfg.media_dir or os.path.dirname(os.path.abspath(path))
     examples, problems = [], []
     for i, r in enumerate(records):
@@ -409,9 +440,15 @@ def select_trainable(model, cfg):
 
 def resolve_device(name):
     """"auto": this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
-    if name != "auto":
-        return name
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if name == "auto":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device name; use auto, cuda, cuda:N or cpu") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device that torch can use; use --device cpu")
+    return name
 
 
 def build_model(cfg):
@@ -590,18 +627,28 @@ def _all_sum(x, world):
 
 
 def _resume(model, opt, cfg, log):
-    latest = os.path.join(cfg.out_dir, "latest")
-    if not os.path.isfile(latest):
-        raise SystemExit(f"train.py --resume: no checkpoint in {cfg.out_dir} (no 'latest' file)")
-    with open(latest) as f:
-        folder = os.path.join(cfg.out_dir, f.read().strip())
-    saved = load_file(os.path.join(folder, "nextgpt.safetensors"))
-    nextgpt.weights.check(model, saved, what=folder, partial=True)
+    """Continue from the newest checkpoint in out_dir that loads whole; a damaged newer one is named and left as it
+    is (never deleted: the next save of that step replaces it)."""
+    saves = sorted((d for d in os.listdir(cfg.out_dir) if re.fullmatch(r"step_\d+", d)), reverse=True) \
+        if os.path.isdir(cfg.out_dir) else []
+    if not saves:
+        raise ValueError(f"--resume: no checkpoint in {cfg.out_dir} (no step_N folder); train without --resume")
+    for name in saves:
+        folder = os.path.join(cfg.out_dir, name)
+        try:
+            saved = load_file(os.path.join(folder, "nextgpt.safetensors"))
+            nextgpt.weights.check(model, saved, what=folder, partial=True)
+            state = torch.load(os.path.join(folder, "train_state.pt"), weights_only=True)
+            break
+        except Exception as e:  # truncated or corrupt files: safetensors, pickle and zip errors alike
+            log(f"--resume: {folder} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying the one "
+                "before")
+    else:
+        raise ValueError(f"--resume: none of the {len(saves)} checkpoints in {cfg.out_dir} loads whole (see above)")
     with torch.no_grad():  # copy into the parameters the optimiser holds (placing new ones would orphan them)
         current = model.state_dict()
         for name, t in saved.items():
             current[name].copy_(t)
-    state = torch.load(os.path.join(folder, "train_state.pt"), weights_only=True)
     opt.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     log(f"resumed from {folder} at step {state['step']}")
@@ -610,18 +657,25 @@ def _resume(model, opt, cfg, log):
 
 def main(argv):
     cfg, do_prepare = parse_args(argv)
-    if do_prepare:
-        model = build_model(cfg)
-        examples = []
-        for path in filter(None, cfg.data.split(",")):
-            ex, bad = read_data(path, cfg, model.config)
-            examples += ex
-            for b in bad:
-                print(f"skipped {b}")
-        prepare(model, examples, cfg)
-        return
-    t0 = time.time()
-    train(cfg)
+    try:
+        if do_prepare:
+            model = build_model(cfg)
+            examples = []
+            for path in filter(None, cfg.data.split(",")):
+                ex, bad = read_data(path, cfg, model.config)
+                examples += ex
+                for b in bad:
+                    print(f"skipped {b}")
+            prepare(model, examples, cfg)
+            return
+        t0 = time.time()
+        train(cfg)
+    except (OSError, ValueError) as e:  # a missing or damaged file, a bad record file: say which
+        if os.environ.get("NEXTGPT_DEBUG"):
+            raise
+        sys.exit(f"train.py: {e}")
+    except KeyboardInterrupt:  # every save is whole or absent: the last complete one stays as it was
+        sys.exit(f"train.py: interrupted; the checkpoints in {cfg.out_dir} are the complete ones (--resume continues)")
     print(f"done in {time.time() - t0:.0f} s; checkpoint in {cfg.out_dir} (NextGPT.from_pretrained('{cfg.out_dir}/"
           f"<latest>') or --delta for the next stage)")
 
