@@ -103,6 +103,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1) (got {getattr(self, name)})")
+        resolve_device(self.device)  # a device this machine has
         for name, allowed in (("input_proj", ("", "linear", "group")), ("dtype", ("auto", "bf16", "fp32"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(map(repr, allowed))} "
@@ -286,7 +287,7 @@ def caption_target(model, modality, caption, emb_path, memo):
 def prepare(model, examples, cfg):
     """--prepare: write the ImageBind features of every input and the caption embedding of every output."""
     if not cfg.features_dir:
-        raise SystemExit("train.py --prepare needs --features_dir=DIR")
+        raise ValueError("--prepare needs --features-dir=DIR, the folder it writes to")
     done = 0
     for ex in tqdm(examples, desc="prepare"):
         for modality, path in ex.inputs:
@@ -541,7 +542,7 @@ def train(cfg: TrainConfig, model: NextGPT | None = None, examples: list | None 
         if problems:
             log(f"skipped {len(problems)} bad records of {len(problems) + len(examples)}")
     if not examples:
-        raise SystemExit("train.py: no training examples (see --data)")
+        raise ValueError("no training examples: give --data, comma-separated files in the official formats")
     params = select_trainable(model, cfg)
     model.llm.gradient_checkpointing = cfg.grad_checkpointing
     model.train()

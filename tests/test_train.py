@@ -163,6 +163,35 @@ def test_resume_continues_exactly(data, tmp_path):
         assert torch.equal(a[k], c[k]), k
 
 
+def test_a_crash_in_a_save_or_a_damaged_save_loses_no_complete_checkpoint(data, tmp_path, monkeypatch):
+    """A run that dies while writing step 4 leaves step 2 whole (and latest on it); a damaged newest checkpoint is
+    named by --resume, which continues from the one before and deletes nothing."""
+    files = [data / "cc3m.json"]
+    common = ["--stage=1", "--lr=1e-3", "--warmup=0", "--batch_size=2", f"--out_dir={tmp_path}", "--save_every=2",
+              "--keep=2"]
+    run(common + ["--max_steps=2"], files)
+    real_save = torch.save
+
+    def dies_mid_save(obj, path, *a, **kw):  # the safetensors file is written; the process dies before the rest
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(train.torch, "save", dies_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(common + ["--max_steps=4", "--resume"], files)
+    monkeypatch.setattr(train.torch, "save", real_save)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "log.jsonl", "step_0000002", "step_0000004.tmp"]
+    assert (tmp_path / "latest").read_text() == "step_0000002"
+    nextgpt.tiny_random(0).load_delta(str(tmp_path / "step_0000002" / "nextgpt.safetensors"))  # still loads
+    run(common + ["--max_steps=4", "--resume"], files)
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("step_")) == ["step_0000002", "step_0000004"]
+    state = tmp_path / "step_0000004" / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # the newest save damaged after the fact
+    _, _, _, lines = run(common + ["--max_steps=6", "--resume"], files)
+    assert any("step_0000004 is damaged" in line for line in lines) and any("resumed from" in line and
+                                                                            "step_0000002" in line for line in lines)
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("step_")) == ["step_0000004", "step_0000006"]
+
+
 def test_broken_records_are_reported_and_skipped(data, tmp_path):
     cfg, _ = train.parse_args(["--stage=1"])
     examples, problems = train.read_data(str(data / "broken.json"), cfg, nextgpt.NextGPTConfig.preset("tiny"))
