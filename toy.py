@@ -8,10 +8,12 @@ A tiny synthetic any-to-any world in which the whole of NExT-GPT trains on a lap
     python toy.py                     # world + data files + stand-in backbones -> out/toy/{data,backbones}
     python toy.py --stages            # train.py --prepare, then stages 1, 2, 3 on them (--first_stage=2: resume)
     python toy.py --recipe            # both, then --eval of the stage-3 checkpoint
-    python toy.py --ship              # the stage-3 checkpoint + backbones -> assets/toy (what `python sample.py` loads)
+    python toy.py --ship [CKPT]       # the stage-3 checkpoint + backbones -> assets/toy (what `python sample.py` loads)
     python toy.py --eval [CKPT]       # accuracy table per task (default CKPT: assets/toy)
     python toy.py --pictures [CKPT]   # the README's pictures -> assets/toy_text_to_*
+    python toy.py --probe-video [CKPT]  # does the video decoder read the caption's direction?
     python toy.py --small --recipe    # the CI size (tests/test_toy.py); --key=value sets any ToyConfig field
+    python toy.py --help              # every action and every ToyConfig field, with its default
 
 The stand-ins for the frozen official backbones are the project's own classes at toy size, pretrained here on the
 world: ImageBind (contrastive over image, video, audio and text), LLaMA (next-token on the world's text, its own
@@ -31,19 +33,37 @@ References
 - nanoGPT's shakespeare_char: the idea of a world small enough to train on a laptop
 """
 
+import argparse
 import copy
+import ctypes
+import functools
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import bpe
+import cli
+import decoders as dec
+import encoder
+import llm
+import media
+import nextgpt
+import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, "assets", "toy")
@@ -77,7 +97,6 @@ def audio_caption(pitch, count):
 
 def draw(color, shape, cx, cy, r):
     """One frame: a filled shape of radius r centred at (cx, cy) on black, (SIZE, SIZE, 3) uint8."""
-    from PIL import Image, ImageDraw
     im = Image.new("RGB", (SIZE, SIZE), (0, 0, 0))
     d = ImageDraw.Draw(im)
     box = (cx - r, cy - r, cx + r, cy + r)
@@ -91,8 +110,8 @@ def draw(color, shape, cx, cy, r):
 
 
 def make_image(rng, color, shape):
-    """(SIZE, SIZE, 3): the shape at a random position, radius 5 as in the videos. (Radii 5-7 made the shape the
-    hardest thing to learn: the toy ImageBind retrieved held-out r = 5, 6, 7 images 98%, 81%, 58% right.)"""
+    """(SIZE, SIZE, 3): the shape at a random position, radius 5 as in the videos (one radius: with several, the
+    shape becomes the hardest thing for the toy ImageBind to learn; docs/toy-notes.md)."""
     r = 5
     return draw(color, shape, rng.randint(r + 1, SIZE - r - 2), rng.randint(r + 1, SIZE - r - 2), r)
 
@@ -127,32 +146,19 @@ def make_audio(rng, pitch, count):
     return (rng.uniform(0.4, 0.6) * wave).astype(np.float32)
 
 
-def save_png(path, x):
-    from PIL import Image
-    Image.fromarray(x).save(path)
-
-
-def save_gif(path, frames):
-    from PIL import Image
-    pil = [Image.fromarray(f) for f in frames]
-    pil[0].save(path, save_all=True, append_images=pil[1:], duration=125, loop=0)  # 8 fps: 1 s
-
-
-def save_wav(path, wave):
-    import soundfile
-    soundfile.write(path, np.clip(wave, -1, 1), SR, subtype="PCM_16")
+EXT = {"image": "png", "video": "gif", "audio": "wav"}
+SAVE = {"image": media.save_image, "video": media.save_gif,  # GIFs at 8 fps: a clip lasts 1 s
+        "audio": functools.partial(media.save_wav, sample_rate=SR)}
 
 
 def read_media(modality, path):
-    """A file of the world back as an array: image (H, W, 3), video (F, H, W, 3) uint8, audio (samples,) float."""
-    from PIL import Image, ImageSequence
-    if modality == "audio":
-        import soundfile
-        return soundfile.read(path, dtype="float32")[0]
-    with Image.open(path) as im:
-        if modality == "image":
-            return np.array(im.convert("RGB"))
-        return np.stack([np.array(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+    """A file of the world back as an array: image (H, W, 3), video (F, H, W, 3) uint8, audio (samples,) float32."""
+    if modality == "image":
+        return np.array(media.read_image(path))
+    if modality == "video":
+        _, count, get = media.read_video(path)
+        return get(range(count))
+    return media.read_audio(path)[0][0].numpy()  # (C, N) -> the one channel
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -185,6 +191,10 @@ def measure_shape(img):
     ys, xs = np.nonzero(fg)
     fill = fg.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     return "square" if fill > 0.89 else "circle" if fill > 0.64 else "triangle"
+
+
+def measure_image(img):
+    return measure_color(img), measure_shape(img)
 
 
 def measure_motion(frames):
@@ -268,47 +278,37 @@ def parse_caption(text):
 
 @dataclass
 class ToyConfig:
-    out: str = "out/toy"  # data/, backbones/ (the folder train.py's --ckpt reads), stage1-3/
-    seed: int = 0
-    # training media per class: 12 image, 48 video and 9 audio classes
-    per_image: int = 24
-    per_video: int = 12
-    per_audio: int = 24
+    out: str = "out/toy"  # data/, backbones/ (the folder train.py's --ckpt reads), stage1-3/, eval.json
+    seed: int = 0  # the world's draws, every backbone's init, train.py's --seed
+    per_image: int = 24  # training images per class (12 classes)
+    per_video: int = 12  # training videos per class (48 classes)
+    per_audio: int = 24  # training sounds per class (9 classes)
     eval_n: int = 24  # held-out prompts per task
-    # --eval: prompt k starts from the noise of seed eval_seed + k. (With one seed for all, a task's score was one draw
-    # of noise: the same checkpoint got text -> video 16, 23, 17 and 19 of 24 with seeds 0, 1, 2, 3 for all prompts.)
-    eval_seed: int = 0
-    threads: int = 1  # 2 threads on 2 shared cores are up to 10x slower than 1 when another process runs
+    eval_seed: int = 0  # --eval: prompt k starts from the noise of seed eval_seed + k, so no task rests on one draw
+    threads: int = 1  # torch threads per process (1: on shared cores more threads slow down when others run)
     workers: int = 2  # backbones: lanes trained side by side in their own processes (1: one after the other)
-    # backbones: steps (batch sizes below)
-    imagebind_steps: int = 2000
-    llm_steps: int = 400
-    vae_steps: int = 1000
-    unet_steps: int = 2500
-    # from the image UNet (inflate): only the motion is left to learn. Measured: motion comes in 200 steps; the
-    # direction, with frame positions, zero SNR, half of each batch at high noise and the video text encoder's code,
-    # in 1,200 (48/48). The decoder alone, all three right: 42/48 after 1,200 steps, 45/48 after 1,500 (guidance 1.5);
-    # 1,800 no better (128 of 144 clips, three noises per caption, as 1,500)
-    video_steps: int = 1500
-    motion_text_steps: int = 800
-    audio_vae_steps: int = 600
-    audio_steps: int = 1000
-    vocoder_steps: int = 400
-    batch: int = 32
+    bar: int = 0  # the tqdm line of the backbones' progress bars (each lane sets its own)
+    # the backbones' training steps
+    imagebind_steps: int = 2000  # ImageBind's (contrastive over image, video, audio and text)
+    llm_steps: int = 400  # LLaMA's (next-token on the world's dialogues)
+    vae_steps: int = 1000  # the image VAE's (the video decoder shares it)
+    unet_steps: int = 2500  # the image UNet's, with its CLIP text encoder
+    video_steps: int = 1500  # the video UNet's, from the image one (inflate): only the motion is left to learn
+    motion_text_steps: int = 800  # the video text encoder's: a code per direction after the caption
+    audio_vae_steps: int = 600  # the mel VAE's
+    audio_steps: int = 1000  # the audio UNet's, with its CLAP text encoder
+    vocoder_steps: int = 400  # the HiFi-GAN vocoder's
+    batch: int = 32  # backbones' batch (ImageBind: half per modality; the video UNet: a quarter)
     # the three NExT-GPT stages (train.py)
-    # measured: stage 3 at 30 epochs instead of 15 took text -> image from 67% to 88% (its alignment 0.66 -> 0.43)
-    stage_epochs: tuple = (25, 5, 25)
-    stage_lr: tuple = (2e-3, 2e-3, 1e-3)
-    stage_batch: int = 8
-    denoise: float = 1.0  # stage 2's latent denoising loss weight (measured: text -> image 54% without, 83% with)
+    stage_epochs: tuple = (25, 5, 25)  # train.py --epochs of stages 1, 2, 3
+    stage_lr: tuple = (2e-3, 2e-3, 1e-3)  # train.py --lr of stages 1, 2, 3
+    stage_batch: int = 8  # train.py --batch_size
+    denoise: float = 1.0  # stage 2's latent denoising loss weight (train.py --denoise_weight)
     first_stage: int = 1  # --stages: start here (the earlier stages' outputs must be in out/)
-    # generation
-    sample_steps: int = 20
-    guidance: float = 3.0
-    # the video decoder alone on the 48 video captions (20 steps): every attribute right for 45 at guidance 1.5, 36
-    # at 3, 31 at 5 (the direction code pulls hard: at 3 color and shape go wrong, at 5 the direction too); with
-    # three noises per caption, 101, 128 and 125 of 144 at 1, 1.5 and 2
-    video_guidance: float = 1.5
+    # generation (--eval, --pictures, and what --ship records)
+    sample_steps: int = 20  # DDIM steps of every decoder
+    guidance: float = 3.0  # classifier-free guidance of the image and audio decoders
+    video_guidance: float = 1.5  # the video decoder's, lower: at higher scales its direction code spoils color, shape
 
     @classmethod
     def small(cls, **kw):
@@ -353,17 +353,17 @@ def world_items(seed, per_image, per_video, per_audio):
     """Every class of each modality `per_*` times, each with its own random draw: [(name, caption, attributes)]."""
     rng = random.Random(seed)
     items = {"image": [], "video": [], "audio": []}
-    for k in range(per_image):
+    for _ in range(per_image):
         for c in COLORS:
             for s in SHAPES:
                 items["image"].append((make_image(rng, c, s), image_caption(c, s), dict(color=c, shape=s)))
-    for k in range(per_video):
+    for _ in range(per_video):
         for c in COLORS:
             for s in SHAPES:
                 for m in MOTIONS:
                     items["video"].append((make_video(rng, c, s, m), video_caption(c, s, m),
                                            dict(color=c, shape=s, motion=m)))
-    for k in range(per_audio):
+    for _ in range(per_audio):
         for p in PITCHES:
             for n in (1, 2, 3):
                 items["audio"].append((make_audio(rng, p, n), audio_caption(p, n), dict(pitch=p, count=n)))
@@ -375,13 +375,11 @@ def write_world(cfg):
     d = os.path.join(cfg.out, "data")
     items = world_items(cfg.seed, cfg.per_image, cfg.per_video, cfg.per_audio)
     names = {m: [] for m in items}
-    ext = {"image": "png", "video": "gif", "audio": "wav"}
-    save = {"image": save_png, "video": save_gif, "audio": save_wav}
     for m, rows in items.items():
         os.makedirs(os.path.join(d, m), exist_ok=True)
         for k, (x, cap, attr) in enumerate(rows):
-            name = f"{m}/{m[:3]}_{k:04d}.{ext[m]}"  # unique stems across modalities: train.py caches by stem
-            save[m](os.path.join(d, name), x)
+            name = f"{m}/{m[:3]}_{k:04d}.{EXT[m]}"  # unique stems across modalities: train.py caches by stem
+            SAVE[m](os.path.join(d, name), x)
             names[m].append((name, cap, attr))
     key = {"image": "image_name", "video": "video_name", "audio": "audio_name"}
     files = {"image": "cc3m.json", "video": "webvid.json", "audio": "audiocap.json"}
@@ -396,13 +394,13 @@ def write_world(cfg):
                                                  {"from": "gpt", "value": c}]} for m in items for n, c, _ in names[m]]
     audio_of = {(a["pitch"], a["count"]): (n, c) for n, c, a in names["audio"]}
     image_of = {(a["color"], a["shape"]): (n, c) for n, c, a in names["image"]}
-    for n, c, a in names["image"]:
+    for n, _, a in names["image"]:
         if a["color"] in RULE_COUNT:
             an, ac = audio_of[rule_audio(a["color"], a["shape"])]
             inst.append({"input_image": n, "output_audio": an, "audio_captions": [ac], "conversations": [
                 {"from": "human", "value": "<image>\n" + CROSS["image", "audio"]},
                 {"from": "gpt", "value": ac + "<audio-placeholder>"}]})
-    for n, c, a in names["audio"]:
+    for n, _, a in names["audio"]:
         for _ in range(2):  # 9 sound classes against 12 image ones: seen twice, so both switches get as many examples
             iname, ic = image_of[rule_image(a["pitch"], a["count"])]
             inst.append({"input_audio": n, "output_image": iname, "image_captions": [ic], "conversations": [
@@ -414,10 +412,9 @@ def write_world(cfg):
 
 
 def dump(path, obj):
-    """JSON, indented; the folder made if missing."""
+    """JSON, indented, written whole; the folder made if missing."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    media.save_text(path, json.dumps(obj, indent=1))
 
 
 def llm_corpus():
@@ -440,40 +437,14 @@ def llm_corpus():
 # ----------------------------------------------------------------------------------------------------------------------
 # Backbones: the project's classes at toy size, pretrained on the world
 
-def char_vocab(kind):
-    """A vocabulary of single bytes (no merges) in the tokenizer-folder format of CLIP (with </w> ends) or RoBERTa."""
-    from encoder import bytes_to_unicode
-    chars = list(bytes_to_unicode().values())
-    if kind == "clip":
-        return chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    return ["<s>", "<pad>", "</s>", "<unk>"] + chars
-
-
-def train_sentencepiece(text, vocab_size, prefix, add_dummy_prefix=True):
-    """A LLaMA-style sentencepiece model (no normalisation, spaces kept, digits split) trained on text.
-    add_dummy_prefix=False: "###" alone is one piece (with the prefix it is ['▁', '###']), as 835 is in LLaMA's."""
-    import sentencepiece as spm
-    with open(prefix + ".txt", "w") as f:
-        f.write(text)
-    spm.SentencePieceTrainer.train(
-        input=prefix + ".txt", model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, user_defined_symbols=["###", "\n"], byte_fallback=False,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False,
-        add_dummy_prefix=add_dummy_prefix, num_threads=1, minloglevel=2)
-    return prefix + ".model"
-
-
-BAR_POSITION = 0  # the tqdm line of this process (build_backbones runs two)
-
-
-def fit(desc, steps, params, loss_fn, lr, warmup=20):
-    """AdamW with linear warmup and cosine decay; loss_fn(step) -> scalar. Returns the mean loss of the last 10%."""
-    from tqdm import tqdm
+def fit(desc, steps, params, loss_fn, lr, bar=0, warmup=20):
+    """AdamW with linear warmup and cosine decay; loss_fn(step) -> scalar; bar: the tqdm line. Returns the mean loss
+    of the last 10%."""
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
-    bar = tqdm(range(steps), desc=desc, mininterval=2, position=BAR_POSITION)
-    for i in bar:
+    progress = tqdm(range(steps), desc=desc, mininterval=2, position=bar)
+    for i in progress:
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / steps))
         loss = loss_fn(i)
@@ -482,31 +453,27 @@ def fit(desc, steps, params, loss_fn, lr, warmup=20):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        progress.set_postfix(loss=f"{losses[-1]:.4f}")
     tail = losses[-max(1, steps // 10):]
     return sum(tail) / len(tail)
 
 
 def clip_tokenizer(pad_id):
     """A CLIP tokenizer over single bytes (no merges): the world's text needs no BPE."""
-    from encoder import CLIPTokenizer
-    vocab = {t: i for i, t in enumerate(char_vocab("clip"))}
-    return CLIPTokenizer(vocab, [], pad_id=vocab["<|endoftext|>"] if pad_id == "eot" else pad_id, clean="hf")
+    vocab = {t: i for i, t in enumerate(bpe.byte_vocab("clip"))}
+    return bpe.CLIPTokenizer(vocab, [], pad_id=vocab["<|endoftext|>"] if pad_id == "eot" else pad_id, clean="hf")
 
 
 def roberta_tokenizer():
-    import decoders as dec
-    return dec.RobertaTokenizer({t: i for i, t in enumerate(char_vocab("roberta"))}, [], max_length=32)
+    return bpe.RobertaTokenizer({t: i for i, t in enumerate(bpe.byte_vocab("roberta"))}, [], max_length=32)
 
 
 def imagebind_config():
-    from encoder import ImageBindConfig
-    return replace(ImageBindConfig.tiny(), out_dim=IB_DIM, vocab_size=len(char_vocab("clip")))
+    return replace(encoder.ImageBindConfig.tiny(), out_dim=IB_DIM, vocab_size=len(bpe.byte_vocab("clip")))
 
 
 def encoder_inputs(files):
     """ImageBind's inputs through the loaders NExT-GPT itself uses (224 px, fbanks), one clip each, kept in fp16."""
-    import encoder
     out = {}
     for m, rows in files.items():
         if m == "image":
@@ -533,14 +500,12 @@ def sincos_2d(n, dim):
 
 def train_imagebind(cfg, files, log):
     """InfoNCE of each modality against the text tower's embeddings of every caption of that modality."""
-    from encoder import ImageBind
     torch.manual_seed(cfg.seed)  # each backbone draws its own init, whatever the others consumed
-    ib = ImageBind(imagebind_config(), modalities=("vision", "audio", "text"))
+    ib = encoder.ImageBind(imagebind_config(), modalities=("vision", "audio", "text"))
     # The vision patches' positions start as strong 2-D sine-cosine ones (MAE's fixed positions, x 3), and learn from
     # there (ImageBind-huge learns its own from a small init). Telling "moving left" from "moving right" needs where
-    # the shape is in each of the clip's two frames: from the usual small init the loss sat at log 4 on the motion
-    # (measured: 2,000 steps, bigger trunks too); with these positions kept fixed, held-out video retrieval was 96/96
-    # but image retrieval 85%; learnt from them, 96/96 and 93% (and the training loss 0.01 instead of 1.0).
+    # the shape is in each of the clip's two frames, which the usual small init never learns here; kept fixed, the
+    # positions cost image retrieval (docs/toy-notes.md).
     pos = ib.modality_preprocessors.vision.pos_embedding_helper.pos_embed  # (1, 1 + 16 * 16, IB_DIM), CLS first
     with torch.no_grad():
         pos[0, 1:] = 3.0 * sincos_2d(SIZE_PATCHES, pos.shape[-1])
@@ -568,25 +533,23 @@ def train_imagebind(cfg, files, log):
         return loss / 3
 
     ib.train()
-    log["imagebind"] = fit("imagebind", cfg.imagebind_steps, ib.parameters(), loss_fn, 1e-3)
+    log["imagebind"] = fit("imagebind", cfg.imagebind_steps, ib.parameters(), loss_fn, 1e-3, cfg.bar)
     return ib.eval()
 
 
 def llm_config(vocab_size):
-    from llm import LLaMAConfig
-    return LLaMAConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=vocab_size, hidden_dim=344,
-                       max_seq_len=256)
+    return llm.LLaMAConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=vocab_size, hidden_dim=344,
+                           max_seq_len=256)
 
 
 def train_llm(cfg, folder, log):
     """LLaMA on the world's dialogues (next-token), with its own sentencepiece; saved as an HF folder."""
-    import llm
     turns = llm_corpus()
     os.makedirs(folder, exist_ok=True)
     text = "\n".join(f"### Human: {u}\n### Assistant: {r}\n###" for u, r in turns)
     # NextGPT.reply stops only on a one-piece stop text: "###" must be one piece, so no dummy prefix
-    sp_path = train_sentencepiece(text * 3, 256, os.path.join(folder, "..", "sp"), add_dummy_prefix=False)
-    tok = llm.Tokenizer(sp_path)
+    sp_path = bpe.train_sentencepiece(text * 3, 256, os.path.join(folder, "..", "sp"), add_dummy_prefix=False)
+    tok = bpe.LLaMATokenizer(sp_path)
     torch.manual_seed(cfg.seed)
     model = llm.LLaMA(llm_config(tok.sp.get_piece_size()))
     # tokenized as NextGPT.prompt_embeds does: the prompt (ending in "Assistant: ") and the reply apart. Generation
@@ -605,28 +568,25 @@ def train_llm(cfg, folder, log):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), ignore_index=-100)
 
     model.train()
-    log["llm"] = fit("llm", cfg.llm_steps, model.parameters(), loss_fn, 3e-3)
+    log["llm"] = fit("llm", cfg.llm_steps, model.parameters(), loss_fn, 3e-3, cfg.bar)
     model.eval().save_pretrained(folder, sp_path)
     return model
 
 
 def vae_config(in_channels):
-    from decoders import VAEConfig
     # 3 levels: 32 x 32 pixels -> 8 x 8 latents; 100 x 32 mels -> 25 x 8
-    return VAEConfig(in_channels=in_channels, out_channels=in_channels, latent_channels=4,
-                     block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
+    return dec.VAEConfig(in_channels=in_channels, out_channels=in_channels, latent_channels=4,
+                         block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
 
 
 def train_vae(cfg, x, steps, desc, log, salient):
     """AutoencoderKL on x (N, C, H, W): L1 reconstruction + a small KL, then the scaling factor that gives the
     latents unit variance (SD's 0.18215 is the same idea). The salient pixels (the shape, the beep's mel bands: ~10%
     of each picture) weigh 10x: with a plain mean the VAE learns the black background and the shape's outline first,
-    and its color last. For pictures, salient() must cover the ring just outside the shape too: when only the shape
-    weighed 10x, missing a corner cost 10x more than painting one, so circles came back as rounded squares (measured
-    on 96 held-out images: shape right in 63-70 reconstructions after 1,000-2,500 steps; with the ring, 96 at 1,000)."""
-    from decoders import VAE
+    and its color last. For pictures, salient() covers the ring just outside the shape too: with only the shape
+    weighed 10x, missing a corner costs 10x more than painting one, and circles come back as rounded squares."""
     torch.manual_seed(cfg.seed)
-    vae = VAE(vae_config(x.shape[1]))
+    vae = dec.VAE(vae_config(x.shape[1]))
     g = torch.Generator().manual_seed(cfg.seed)
 
     def loss_fn(step):
@@ -638,7 +598,7 @@ def train_vae(cfg, x, steps, desc, log, salient):
         return ((vae.decode(z) - xb).abs() * w).mean() + 1e-4 * kl
 
     vae.train()
-    log[desc] = fit(desc, steps, vae.parameters(), loss_fn, 2e-3)
+    log[desc] = fit(desc, steps, vae.parameters(), loss_fn, 2e-3, cfg.bar)
     vae.eval().requires_grad_(False)
     vae.cfg.scaling_factor = 1.0
     vae.cfg.scaling_factor = float(1 / latents(vae, x).std())  # the unscaled latents' std
@@ -666,13 +626,12 @@ DDIM_CONFIG = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_s
 
 # The video decoder's: zero terminal SNR, so that the first sampling step sees pure noise as training did and has to
 # take the clip's layout (where the shape starts, which way it goes) from the caption; then eps is undefined at the
-# last step, hence v-prediction; trailing steps start sampling there (README, "text -> video")
+# last step, hence v-prediction; trailing steps start sampling there (docs/toy-notes.md)
 VIDEO_DDIM_CONFIG = {**DDIM_CONFIG, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
                      "timestep_spacing": "trailing", "steps_offset": 0}
 
 
 def sampler(kind="image"):
-    import decoders as dec
     return dec.DDIM(**{k: v for k, v in (VIDEO_DDIM_CONFIG if kind == "video" else DDIM_CONFIG).items()
                        if k != "_class_name"})
 
@@ -720,7 +679,7 @@ def train_unet(cfg, kind, unet, text_encoder, z, captions, steps, log, train_tex
 
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     unet.train(), text_encoder.train(train_text)
-    log[f"{kind} unet"] = fit(f"{kind} unet", steps, params, loss_fn, 2e-3)
+    log[f"{kind} unet"] = fit(f"{kind} unet", steps, params, loss_fn, 2e-3, cfg.bar)
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
 
 
@@ -728,11 +687,11 @@ def motion_text_encoder(cfg, image_enc, captions, log):
     """
     The video decoder's own text encoder (Zeroscope has its own, OpenCLIP's), from the image decoder's. That one
     learned on image captions, which never say "moving ...": after the caption its tokens (EOT and padding, all that
-    a causal encoder can fill once it has read the last word) told the four directions apart by 0.2 where colors were
-    2.6 apart (measured), and the video UNet never tied the direction to the caption. Here those tokens learn to carry
-    a code per direction, the same in every caption that says it and large beside the rest (as a big pretrained
+    a causal encoder can fill once it has read the last word) barely tell the four directions apart, far less than
+    the colors, and a video UNet on them never ties the direction to the caption. Here those tokens learn to carry a
+    code per direction, the same in every caption that says it and large beside the rest (as a big pretrained
     encoder's feature for a word is), on top of what they carried; every other token, and the empty caption of
-    classifier-free guidance, are held to theirs (README, "text -> video").
+    classifier-free guidance, are held to theirs (docs/toy-notes.md).
     """
     enc = copy.deepcopy(image_enc).train().requires_grad_(True)
     unique = sorted(set(captions))
@@ -747,7 +706,7 @@ def motion_text_encoder(cfg, image_enc, captions, log):
     motion = torch.tensor([list(MOTIONS).index(parse_caption(c)["motion"]) for c in unique] + [0])  # "": no code
     target = before + after[..., None] * code[motion][:, None]  # (n + 1, 77, W)
     log["video text encoder"] = fit("video text encoder", cfg.motion_text_steps, enc.parameters(),
-                                    lambda step: F.mse_loss(enc(ids), target), 5e-3)
+                                    lambda step: F.mse_loss(enc(ids), target), 5e-3, cfg.bar)
     return enc.eval().requires_grad_(False)
 
 
@@ -758,7 +717,6 @@ def inflate(cfg, image_unet):
     layers' last projections zeroed, so that at step 0 it draws every frame as the image UNet does and training has
     only the motion left to learn (48 video classes from scratch need far more CPU than the budget).
     """
-    import decoders as dec
     torch.manual_seed(cfg.seed)
     video = dec.UNet3D(unet_config("video"))
     sd = video.state_dict()  # views of the parameters
@@ -773,10 +731,9 @@ def inflate(cfg, image_unet):
 
 
 def unet_config(kind):
-    from decoders import UNetConfig
-    base = UNetConfig(in_channels=4, out_channels=4, sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-                      attention_head_dim=(2, 4), cross_attention_dim=W_IMAGE, norm_num_groups=8,
-                      down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2)
+    base = dec.UNetConfig(in_channels=4, out_channels=4, sample_size=8, block_out_channels=(32, 64),
+                          layers_per_block=1, attention_head_dim=(2, 4), cross_attention_dim=W_IMAGE, norm_num_groups=8,
+                          down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2)
     # heads of 16 channels everywhere: the 2-D blocks read attention_head_dim as the number of heads, the 3-D ones
     # (Zeroscope) as their width, so (2, 4) and 16 are the same attention and inflate() copies the image UNet exactly
     if kind == "video":
@@ -789,35 +746,31 @@ def unet_config(kind):
 
 
 def new_unet(cfg, kind):
-    import decoders as dec
     torch.manual_seed(cfg.seed)
     return dec.UNet2D(unet_config(kind)), text_encoder(kind)
 
 
 def text_encoder(kind):
-    import decoders as dec
     if kind == "audio":
         return dec.CLAPTextEncoder(dec.CLAPTextConfig(
-            vocab_size=len(char_vocab("roberta")), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            vocab_size=len(bpe.byte_vocab("roberta")), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64, max_position_embeddings=40, projection_dim=W_AUDIO, layer_norm_eps=1e-5))
-    return dec.CLIPTextEncoder(dec.CLIPTextConfig(vocab_size=len(char_vocab("clip")), hidden_size=W_IMAGE,
+    return dec.CLIPTextEncoder(dec.CLIPTextConfig(vocab_size=len(bpe.byte_vocab("clip")), hidden_size=W_IMAGE,
                                                   intermediate_size=2 * W_IMAGE, num_hidden_layers=2,
                                                   num_attention_heads=2))
 
 
 def vocoder_config():
-    from decoders import HiFiGANConfig
     # one transposed convolution from each 10 ms frame to its 160 samples (a learned template per frame), then the
     # usual multi-receptive-field resblocks at 16 kHz
-    return HiFiGANConfig(model_in_dim=N_MELS, upsample_initial_channel=32, upsample_rates=(HOP,),
-                         upsample_kernel_sizes=(HOP,), resblock_kernel_sizes=(3, 7),
-                         resblock_dilation_sizes=((1, 3), (1, 3)))
+    return dec.HiFiGANConfig(model_in_dim=N_MELS, upsample_initial_channel=32, upsample_rates=(HOP,),
+                             upsample_kernel_sizes=(HOP,), resblock_kernel_sizes=(3, 7),
+                             resblock_dilation_sizes=((1, 3), (1, 3)))
 
 
 def log_mel(wave):
-    """(samples,) -> (100, N_MELS): train.py's AudioLDM log-mel, the frames the VAE and the vocoder see."""
-    from train import mel_spectrogram
-    return mel_spectrogram(wave, N_MELS, HOP)[:int(SR * SECONDS) // HOP]
+    """(samples,) -> (100, N_MELS): AudioLDM's log-mel, the frames the VAE and the vocoder see."""
+    return dec.mel_spectrogram(wave, N_MELS, HOP, SR)[:int(SR * SECONDS) // HOP]
 
 
 def stft_loss(y, x):
@@ -833,9 +786,7 @@ def stft_loss(y, x):
 def train_vocoder(cfg, waves, mels, log):
     """HiFi-GAN's generator on mel -> wave: waveform MSE (the world's tones are phase-locked, see make_audio) plus the
     STFT losses; no discriminators. Not L1: its gradient is only a sign, and from a slightly wrong phase the best L1
-    answer is silence (measured: with L1 the high beeps came out at peak 0.01, in two variants every beep; with MSE
-    all 18 test beeps have the right pitch and count after 400 steps)."""
-    import decoders as dec
+    answer is silence."""
     torch.manual_seed(cfg.seed)
     voc = dec.HiFiGAN(vocoder_config())
     g = torch.Generator().manual_seed(cfg.seed)
@@ -846,7 +797,7 @@ def train_vocoder(cfg, waves, mels, log):
         return F.mse_loss(y, waves[idx]) * 100 + stft_loss(y, waves[idx]) * 0.1
 
     voc.train()
-    log["vocoder"] = fit("vocoder", cfg.vocoder_steps, voc.parameters(), loss_fn, 2e-3)
+    log["vocoder"] = fit("vocoder", cfg.vocoder_steps, voc.parameters(), loss_fn, 2e-3, cfg.bar)
     return voc.eval().requires_grad_(False)
 
 
@@ -854,7 +805,6 @@ def train_vocoder(cfg, waves, mels, log):
 # Writing the backbones in the official on-disk formats
 
 def save_safetensors(module, path, rename=lambda k: k):
-    from safetensors.torch import save_file
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({rename(k): v.detach().contiguous() for k, v in module.state_dict().items()}, path)
 
@@ -896,11 +846,11 @@ def save_decoder(folder, kind, unet, vae, enc):
     if kind == "audio":
         dump(sub("text_encoder", "config.json"), {"architectures": ["ClapTextModelWithProjection"], **asdict(enc.cfg)})
         save_safetensors(enc, sub("text_encoder", "model.safetensors"), clap_official_name)
-        vocab, special = char_vocab("roberta"), {"tokenizer_config.json": {"model_max_length": 32}}
+        vocab, special = bpe.byte_vocab("roberta"), {"tokenizer_config.json": {"model_max_length": 32}}
     else:
         dump(sub("text_encoder", "config.json"), {"architectures": ["CLIPTextModel"], **asdict(enc.cfg)})
         save_safetensors(enc, sub("text_encoder", "model.safetensors"), lambda k: "text_model." + k)
-        vocab, special = char_vocab("clip"), {"special_tokens_map.json": {"pad_token": "<|endoftext|>"}}
+        vocab, special = bpe.byte_vocab("clip"), {"special_tokens_map.json": {"pad_token": "<|endoftext|>"}}
     dump(sub("tokenizer", "vocab.json"), {t: i for i, t in enumerate(vocab)})
     with open(sub("tokenizer", "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")  # no merges: one token per byte
@@ -909,19 +859,22 @@ def save_decoder(folder, kind, unet, vae, enc):
 
 
 def toy_config(vocab_size):
-    from nextgpt import NextGPTConfig
-    return NextGPTConfig(llm=llm_config(vocab_size), imagebind=imagebind_config(),
-                         signal_tokens={"image": 4, "video": 8, "audio": 4},
-                         cond_shape={"image": (77, W_IMAGE), "video": (77, W_IMAGE), "audio": (1, W_AUDIO)},
-                         proj_hidden=64, proj_layers=1, proj_heads=2, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    return nextgpt.NextGPTConfig(llm=llm_config(vocab_size), imagebind=imagebind_config(),
+                                 signal_tokens={"image": 4, "video": 8, "audio": 4},
+                                 cond_shape={"image": (77, W_IMAGE), "video": (77, W_IMAGE), "audio": (1, W_AUDIO)},
+                                 proj_hidden=64, proj_layers=1, proj_heads=2, lora_r=8, lora_alpha=16,
+                                 lora_dropout=0.0)
 
 
 BACKBONE_FILES = {"imagebind": "imagebind.safetensors", "vicuna": "llama", "image": "image", "video": "video",
                   "audio": "audio"}
 
 
-def write_manifest(folder, config, files):
-    dump(os.path.join(folder, "nextgpt.json"), {"config": config.to_dict(), "files": files})
+def write_manifest(folder, config, files, generation):
+    """nextgpt.json as NextGPT.save_manifest writes it, with the toy's generation settings: train.py's stage
+    checkpoints copy them into theirs, so that every checkpoint of the recipe samples as the toy does."""
+    dump(os.path.join(folder, nextgpt.MANIFEST), {"config": config.to_dict(), "files": files,
+                                                  "generation": generation.changes()})
 
 
 def build_backbones(cfg, files):
@@ -934,30 +887,29 @@ def build_backbones(cfg, files):
     t0 = time.time()
     lanes = (understanding_lane, picture_lane)
     if cfg.workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            logs = [f.result() for f in [pool.submit(lane, cfg, files, folder, k) for k, lane in enumerate(lanes)]]
+        # leaving the with block (also by toy.py's SIGTERM handler, see main) terminates the lanes
+        with multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=die_with_parent) as pool:
+            jobs = [pool.apply_async(lane, (replace(cfg, bar=k), files, folder)) for k, lane in enumerate(lanes)]
+            logs = [job.get() for job in jobs]
     else:
-        logs = [lane(cfg, files, folder, 0) for lane in lanes]
+        logs = [lane(cfg, files, folder) for lane in lanes]
     log = {k: v for lg in logs for k, v in lg.items()}
-    from llm import LLaMAConfig
-    vocab_size = LLaMAConfig.from_hf(os.path.join(folder, "llama", "config.json")).vocab_size  # its tokenizer's
-    write_manifest(folder, toy_config(vocab_size), BACKBONE_FILES)
+    vocab_size = llm.LLaMAConfig.from_hf(os.path.join(folder, "llama", "config.json")).vocab_size  # its tokenizer's
+    write_manifest(folder, toy_config(vocab_size), BACKBONE_FILES, generation_config(cfg))
     log["seconds"] = round(time.time() - t0)
     dump(os.path.join(folder, "losses.json"), log)
     return log
 
 
-def lane_start(cfg, position):
-    """A lane's process: one thread, and its own tqdm line."""
-    global BAR_POSITION
-    torch.set_num_threads(cfg.threads)
-    BAR_POSITION = position
+def die_with_parent():
+    """A lane's process ends with the process that started it, however that one ends (SIGTERM, Ctrl-C, a crash):
+    Linux's PR_SET_PDEATHSIG. Without it the lanes would train on for an hour after a `kill` of toy.py."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
-def understanding_lane(cfg, files, folder, position):
-    lane_start(cfg, position)
+def understanding_lane(cfg, files, folder):
+    torch.set_num_threads(cfg.threads)  # a lane's process starts with torch's default
     log = {}
     train_llm(cfg, os.path.join(folder, "llama"), log)
     ib = train_imagebind(cfg, files, log)
@@ -975,8 +927,8 @@ def understanding_lane(cfg, files, folder, position):
     return log
 
 
-def picture_lane(cfg, files, folder, position):
-    lane_start(cfg, position)
+def picture_lane(cfg, files, folder):
+    torch.set_num_threads(cfg.threads)
     log = {}
     # images and videos share one VAE (Zeroscope uses Stable Diffusion's too)
     img = torch.stack([torch.from_numpy(read_media("image", p)) for p, _ in files["image"]])
@@ -1026,7 +978,6 @@ def latest(cfg, stage):
 
 def run_stages(cfg):
     """--prepare (ImageBind features and caption embeddings, once), then stages 1, 2, 3. -> {stage: final losses}."""
-    import train
     path = os.path.join(cfg.out, "stage_losses.json")
     seconds = {int(k): v.get("seconds") for k, v in json.load(open(path)).items()} if os.path.isfile(path) else {}
     for stage in range(cfg.first_stage, 4):
@@ -1065,15 +1016,13 @@ TASKS = ("image -> text", "video -> text", "audio -> text", "text -> image", "te
 CHANCE = dict(zip(TASKS, (1 / 12, 1 / 48, 1 / 9, 1 / 12, 1 / 48, 1 / 9, 1 / 9, 1 / 12)))
 
 
-def to_uint8(x):
-    """(3, H, W) or (F, 3, H, W) in [0, 1] -> (H, W, 3) or (F, H, W, 3) uint8."""
-    return (x.clamp(0, 1).movedim(-3, -1).numpy() * 255).round().astype(np.uint8)
-
-
-def generation_kwargs(cfg):
-    guidance = {"image": cfg.guidance, "video": cfg.video_guidance, "audio": cfg.guidance}
-    return dict(max_new_tokens=24, steps=cfg.sample_steps, guidance=guidance, height=SIZE, width=SIZE,
-                frames=FRAMES, seconds=SECONDS, progress=False)
+def generation_config(cfg):
+    """How the toy samples: its sizes (the official defaults are 512 px, 24 frames, 9 s), short replies, cfg's steps
+    and guidance. --ship and the backbones' manifest record it, so sample.py and train.py's checkpoints use it too."""
+    return nextgpt.GenerationConfig(
+        max_new_tokens=24, steps=cfg.sample_steps,
+        guidance={"image": cfg.guidance, "video": cfg.video_guidance, "audio": cfg.guidance},
+        height={"image": SIZE, "video": SIZE}, width={"image": SIZE, "video": SIZE}, frames=FRAMES, seconds=SECONDS)
 
 
 def eval_cases(cfg):
@@ -1081,7 +1030,7 @@ def eval_cases(cfg):
     drawn from a seed training never used (new positions, pitches, timings)."""
     rng = random.Random(cfg.seed + 1000)
     cases = []
-    for k in range(cfg.eval_n):
+    for _ in range(cfg.eval_n):
         c, s, m = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(MOTIONS))
         p, n = rng.choice(list(PITCHES)), rng.randint(1, 3)
         rc = rng.choice(list(RULE_COUNT))
@@ -1105,32 +1054,26 @@ def evaluate(cfg, ckpt):
     """Accuracy per task: understanding by exact match of the reply, generation by measuring the output media (an
     output the model did not produce counts as wrong: no `want` forcing). Also the reply's caption for generation
     tasks, to tell LLM failures from projector / decoder ones. -> {task: accuracy}"""
-    import tempfile
-    from nextgpt import NextGPT
     t0 = time.time()
-    model = NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu")
-    kw = generation_kwargs(cfg)
-    measure = {"image": lambda x: (measure_color(x), measure_shape(x)), "video": measure_video,
-               "audio": measure_audio}
-    save = {"image": save_png, "video": save_gif, "audio": save_wav}
-    ext = {"image": ".png", "video": ".gif", "audio": ".wav"}
+    model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu")
+    generation = generation_config(cfg)
+    measure = {"image": measure_image, "video": measure_video, "audio": measure_audio}
     score = {t: [0, 0, 0] for t in TASKS}  # right media / right reply / count
     with tempfile.TemporaryDirectory() as d:
-        from tqdm import tqdm
         for k, (task, prompt, inp, caption, want) in enumerate(tqdm(eval_cases(cfg), desc="eval", mininterval=2)):
-            media = {}
+            inputs = {}
             if inp:
-                path = os.path.join(d, f"{k}{ext[inp[0]]}")
-                save[inp[0]](path, inp[1])
-                media = {inp[0] + "s": [path]}
-            out = model.generate(prompt, **media, **kw, seed=cfg.eval_seed + k)
+                path = os.path.join(d, f"{k}.{EXT[inp[0]]}")
+                SAVE[inp[0]](path, inp[1])
+                inputs = {inp[0] + "s": [path]}
+            out = model.generate(prompt, **inputs, config=generation, seed=cfg.eval_seed + k, progress=False)
             reply_ok = out["text"].strip().rstrip(".") == caption
             if want is None:
                 ok = reply_ok
             else:
                 m, expected = want
                 got = out[m][0] if out[m] else None
-                ok = got is not None and measure[m](got.numpy() if m == "audio" else to_uint8(got)) == expected
+                ok = got is not None and measure[m](got.numpy() if m == "audio" else media.to_uint8(got)) == expected
             score[task][0] += ok
             score[task][1] += reply_ok
             score[task][2] += 1
@@ -1153,8 +1096,8 @@ def probe_video(cfg, ckpt, per_class=2):
     (the unconditional one). A decoder that ties the motion to the caption has a clearly lower loss with the true
     caption than with the opposite one. -> {t: {"true": loss, "opposite": loss, "unconditional": loss}}
     """
-    from nextgpt import NextGPT
-    d = NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu", decoders=("video",)).decoder("video")
+    model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu", decoders=("video",))
+    d = model.decoder("video")
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
     rng = random.Random(cfg.seed + 2000)
     rows = [(c, s, m) for c in COLORS for s in SHAPES for m in MOTIONS] * per_class
@@ -1178,39 +1121,50 @@ def probe_video(cfg, ckpt, per_class=2):
     return table
 
 
-def pictures(cfg, ckpt, folder=os.path.join(HERE, "assets")):
+def pictures(cfg, ckpt, folder=None):
     """The README's pictures, generated (never drawn): every image caption, four motions, three sounds' log-mels
-    (each (N_MELS, 100), low frequencies at the bottom). As sample.py does, the asked-for output is forced."""
-    from PIL import Image
-    from nextgpt import NextGPT
-    model = NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu")
-    kw = generation_kwargs(cfg)
-    up = lambda a, k=3: np.kron(a, np.ones((k, k, 1), np.uint8))  # noqa: E731 nearest-neighbour upscaling
-    caps = all_captions()
-    imgs = [to_uint8(model.generate(GENERATE["image"].format(c), want=["image"], **kw)["image"][0])
-            for c in caps["image"]]
+    (each (N_MELS, 100), low frequencies at the bottom) -> folder (default: assets/). As sample.py does, the
+    asked-for output is forced."""
+    folder = folder or os.path.dirname(ASSETS)
+    model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu")
+    generation = generation_config(cfg)
+
+    def made(modality, caption):  # the first output of the caption's generation prompt
+        out = model.generate(GENERATE[modality].format(caption), want=[modality], config=generation, progress=False)
+        return out[modality][0]
+
+    def up(a, k=3):  # nearest-neighbour upscaling of (H, W, ...) pixels
+        return a.repeat(k, axis=0).repeat(k, axis=1)
+    imgs = [media.to_uint8(made("image", c)) for c in all_captions()["image"]]
     rows = [np.concatenate(imgs[r::3], axis=1) for r in range(3)]  # 3 rows (shapes) x 4 columns (colors)
-    save_png(os.path.join(folder, "toy_text_to_image.png"), up(np.concatenate(rows, axis=0)))
-    vids = [to_uint8(model.generate(GENERATE["video"].format(video_caption(c, s, m)), want=["video"], **kw)["video"][0])
+    media.save_image(os.path.join(folder, "toy_text_to_image.png"), up(np.concatenate(rows, axis=0)))
+    vids = [media.to_uint8(made("video", video_caption(c, s, m)))
             for c, s, m in (("red", "circle", "left"), ("blue", "square", "right"), ("green", "triangle", "up"),
                             ("yellow", "circle", "down"))]
-    save_gif(os.path.join(folder, "toy_text_to_video.gif"), [up(f) for f in np.concatenate(vids, axis=2)])
+    media.save_gif(os.path.join(folder, "toy_text_to_video.gif"), [up(f) for f in np.concatenate(vids, axis=2)])
     mels = []
     for c in ("one low beep", "two mid beeps", "three high beeps"):
-        mel = log_mel(model.generate(GENERATE["audio"].format(c), want=["audio"], **kw)["audio"][0]).T.flip(0)
+        mel = log_mel(made("audio", c)).T.flip(0)  # (N_MELS, 100), low frequencies at the bottom
         mels.append(((mel.clamp(-11.5, 2) + 11.5) / 13.5 * 255).byte().numpy())
-    gray = np.concatenate([np.pad(m, ((0, 0), (0, 4))) for m in mels], axis=1)  # low frequencies at the bottom
-    Image.fromarray(np.kron(gray, np.ones((3, 3), np.uint8))).save(os.path.join(folder, "toy_text_to_audio.png"))
+    gray = np.concatenate([np.pad(m, ((0, 0), (0, 4))) for m in mels], axis=1)
+    media.save_image(os.path.join(folder, "toy_text_to_audio.png"), up(gray))
     print(f"pictures written to {folder}/toy_text_to_*")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Shipping: assets/toy, the built-in default of `python sample.py`
 
+# `python sample.py`'s default turns: one through each path (example.png is written by ship)
+SHOWCASE = [{"prompt": UNDERSTAND["image"], "images": ["example.png"]},
+            {"prompt": GENERATE["image"].format(image_caption("red", "circle")), "want": ["image"]},
+            {"prompt": GENERATE["video"].format(video_caption("blue", "square", "left")), "want": ["video"]},
+            {"prompt": GENERATE["audio"].format(audio_caption("high", 2)), "want": ["audio"]}]
+
+
 def ship(cfg, step_folder, dest=ASSETS):
     """The backbones (decoder UNets in fp16: the 20 MB budget; from_pretrained casts them back when given a dtype, as
-    sample.py does) + the stage-3 delta + a manifest + example.png (a held-out image)."""
-    from safetensors.torch import load_file, save_file
+    sample.py does) + the stage-3 delta + a manifest (with the toy's generation settings and sample.py's showcase) +
+    example.png (a held-out image)."""
     src = os.path.join(cfg.out, "backbones")
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("losses.json", "sp.*"))
@@ -1218,121 +1172,82 @@ def ship(cfg, step_folder, dest=ASSETS):
         path = os.path.join(dest, m, "unet", "diffusion_pytorch_model.safetensors")
         save_file({k: v.half() for k, v in load_file(path).items()}, path)
     shutil.copy(os.path.join(step_folder, "nextgpt.safetensors"), os.path.join(dest, "nextgpt.safetensors"))
-    with open(os.path.join(src, "nextgpt.json")) as f:
+    with open(os.path.join(src, nextgpt.MANIFEST)) as f:
         manifest = json.load(f)
     manifest["files"]["delta"] = "nextgpt.safetensors"
-    # what sample.py should generate with (its own defaults are the official 512 px, 24 frames, 9 s)
-    manifest["sample"] = {k: v for k, v in generation_kwargs(cfg).items() if k != "progress"}
-    dump(os.path.join(dest, "nextgpt.json"), manifest)
-    save_png(os.path.join(dest, "example.png"), make_image(random.Random(cfg.seed + 7), "green", "triangle"))
+    manifest["generation"] = generation_config(cfg).changes()  # over the official 512 px, 24 frames, 9 s
+    manifest["showcase"] = SHOWCASE
+    dump(os.path.join(dest, nextgpt.MANIFEST), manifest)
+    media.save_image(os.path.join(dest, "example.png"), make_image(random.Random(cfg.seed + 7), "green", "triangle"))
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(dest) for f in fs)
     print(f"shipped {dest}: {size / 2 ** 20:.1f} MB")
     return size
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# A random tiny NExT-GPT: every path at toy size, offline, in seconds (tests, `sample.py --tiny-random`, train smoke)
-
-TINY_CORPUS = """### Human: describe this image
-### Assistant: a red circle on a blue square moving left, two high beeps and a low beep.
-draw show play generate a caption picture video sound audio the of and with what is in it"""
-
-
-def tiny_random(seed=0, input_proj="linear"):
-    """NextGPTConfig.preset('tiny') with random weights, tiny ImageBind and tiny decoders (char-level tokenizers)."""
-    import tempfile
-
-    import decoders as dec
-    import llm
-    from encoder import ImageBind
-    from nextgpt import NextGPT, NextGPTConfig
-    torch.manual_seed(seed)
-    config = NextGPTConfig.preset("tiny")
-    config.input_proj = input_proj
-    with tempfile.TemporaryDirectory() as d:
-        sp_path = train_sentencepiece(TINY_CORPUS * 3, config.llm.vocab_size, os.path.join(d, "tok"))
-        tok = llm.Tokenizer(sp_path, [])
-        pieces = tok.sp.get_piece_size()
-        tok.add_special_tokens(config.added_tokens)
-        config.llm = replace(config.llm, vocab_size=pieces)  # the corpus may give fewer pieces than asked
-    encoder = ImageBind(config.imagebind, modalities=("vision", "audio")).eval().requires_grad_(False)
-    clip_tok, roberta_tok = clip_tokenizer(pad_id=0), roberta_tokenizer()
-    W = config.cond_shape["image"][1]
-    unet2d = dec.UNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=2,
-                            cross_attention_dim=W, norm_num_groups=8,
-                            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    unet3d = replace(unet2d, video=True, attention_head_dim=8, use_linear_projection=True,
-                     cross_attention_dim=config.cond_shape["video"][1],
-                     down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
-    A = config.cond_shape["audio"][1]
-    unet_audio = replace(unet2d, cross_attention_dim=(16, 32), class_embed_type="simple_projection",
-                         projection_class_embeddings_input_dim=A, class_embeddings_concat=True)
-    vae = dec.VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=16)
-    vae_audio = replace(vae, in_channels=1, out_channels=1)
-    clip = replace(dec.CLIP_TEXT_PRESETS["tiny"], hidden_size=W, max_position_embeddings=77)
-    clap = replace(dec.CLAP_TEXT_PRESETS["tiny"], projection_dim=A, max_position_embeddings=40)
-    decoders = {}
-    for kind, unet_cfg, vae_cfg in (("image", unet2d, vae), ("video", unet3d, vae), ("audio", unet_audio, vae_audio)):
-        unet = (dec.UNet3D if unet_cfg.video else dec.UNet2D)(unet_cfg)
-        vocoder = dec.HiFiGAN(dec.HIFIGAN_PRESETS["tiny"]) if kind == "audio" else None
-        d = dec.Decoder(kind, None, unet.eval(), dec.VAE(vae_cfg).eval(), sampler(kind), vocoder and vocoder.eval())
-        d._text_encoder = (dec.CLAPTextEncoder(clap) if kind == "audio" else dec.CLIPTextEncoder(clip)).eval()
-        d._tokenizer = roberta_tok if kind == "audio" else clip_tok
-        for m in (d.unet, d.vae, d.vocoder, d._text_encoder):
-            if m is not None:
-                m.requires_grad_(False)
-        decoders[kind] = d
-    model = NextGPT(config, llm.LLaMA(config.llm), tok, encoder, decoders)
-    return model.eval()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
+CKPT_ACTIONS = {  # the actions that take an optional CKPT: their --help
+    "eval": "the accuracy table per task on held-out prompts -> OUT/eval.json (default CKPT: assets/toy; with "
+            "--recipe: the stage-3 checkpoint)",
+    "ship": "CKPT (default: OUT's latest stage-3 checkpoint) + the backbones -> assets/toy, what python sample.py "
+            "loads",
+    "pictures": "the README's pictures from CKPT (default: assets/toy) -> assets/toy_text_to_*",
+    "probe_video": "does the video decoder of CKPT (default: assets/toy) read the caption's direction? Its denoising "
+                   "loss with the true, the opposite and no caption",
+}
+
+
 def parse(argv):
-    """--small, --out=DIR, --key=value for any ToyConfig field; actions: --recipe, --stages, --eval [CKPT], --ship,
-    --pictures [CKPT], --probe-video [CKPT]."""
-    actions, kv, ckpt = set(), {}, None
-    for a in argv:
-        key, eq, value = a.lstrip("-").partition("=")
-        key = key.replace("-", "_")
-        if not a.startswith("--"):
-            ckpt = a
-        elif eq:
-            kv[key] = value
-        else:
-            actions.add(key)
-    cfg = ToyConfig.small() if "small" in actions else ToyConfig()
-    types = {k: type(v) for k, v in asdict(cfg).items()}
-    for k, v in kv.items():
-        if k not in types:
-            raise SystemExit(f"toy.py: unknown option --{k}; options: {', '.join(types)}")
-        cfg = replace(cfg, **{k: tuple(float(x) if "." in x or "e" in x else int(x) for x in v.split(","))
-                              if types[k] is tuple else types[k](v)})
-    return cfg, actions - {"small"}, ckpt
+    """-> (ToyConfig, {action: CKPT or None}). --small first, then the --key=value fields over it. No action: the
+    world and the backbones."""
+    p = cli.parser("toy.py", __doc__)
+    a = p.add_argument_group("actions (none: the world and the stand-in backbones -> OUT/data, OUT/backbones)")
+    a.add_argument("--recipe", action="store_const", const=None, default=argparse.SUPPRESS,
+                   help="the world and the backbones, --stages, then --eval of the stage-3 checkpoint")
+    a.add_argument("--stages", action="store_const", const=None, default=argparse.SUPPRESS,
+                   help="train.py --prepare, then train.py's stages 1, 2, 3 on OUT's world and backbones "
+                        "(from --first-stage)")
+    for name, text in CKPT_ACTIONS.items():
+        a.add_argument("--" + name.replace("_", "-"), dest=name, nargs="?", const=None, default=argparse.SUPPRESS,
+                       metavar="CKPT", help=text)
+    a.add_argument("--small", action="store_true", help="the CI size (tests/test_toy.py): ToyConfig.small(), the "
+                   "fields given here over it")
+    cli.add_config_options(p, ToyConfig)
+    args = vars(p.parse_args(cli.underscores_to_dashes(argv)))
+    small = args.pop("small")
+    actions = {k: args.pop(k) for k in ("recipe", "stages", *CKPT_ACTIONS) if k in args}
+    try:
+        cfg = cli.config_from(ToyConfig, args, base=ToyConfig.small() if small else ToyConfig())
+    except ValueError as e:
+        p.error(str(e))
+    for name in ("stage_epochs", "stage_lr"):
+        if len(getattr(cfg, name)) != 3:
+            p.error(f"--{name.replace('_', '-')} takes one value per stage, 3 in all")
+    return cfg, actions
 
 
 def main(argv):
-    cfg, actions, ckpt = parse(argv)
+    cfg, actions = parse(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("toy.py: terminated"))  # exits through the with blocks
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    if not actions & {"eval", "ship", "stages", "pictures", "probe_video"} or "recipe" in actions:
+    recipe = "recipe" in actions
+    if not actions or recipe:
         t0 = time.time()
         files = write_world(cfg)
         print(f"world written to {cfg.out}/data in {time.time() - t0:.0f} s", flush=True)
         print(json.dumps(build_backbones(cfg, files)), flush=True)
-    if "stages" in actions or "recipe" in actions:
+    if "stages" in actions or recipe:
         print(json.dumps(run_stages(cfg)), flush=True)
-    if "eval" in actions or "recipe" in actions:
-        evaluate(cfg, ckpt or (latest(cfg, 3) if "recipe" in actions else ASSETS))
+    if "eval" in actions or recipe:
+        evaluate(cfg, actions.get("eval") or (latest(cfg, 3) if recipe else ASSETS))
     if "ship" in actions:
-        ship(cfg, ckpt or latest(cfg, 3))
+        ship(cfg, actions["ship"] or latest(cfg, 3))
     if "pictures" in actions:
-        pictures(cfg, ckpt or ASSETS)
+        pictures(cfg, actions["pictures"] or ASSETS)
     if "probe_video" in actions:
-        probe_video(cfg, ckpt or ASSETS)
+        probe_video(cfg, actions["probe_video"] or ASSETS)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,20 @@
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
+import pytest
 
+import media
 import toy
 import train
-from nextgpt import NextGPTConfig
+from nextgpt import GenerationConfig, NextGPTConfig
+
+TOY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy.py")
 
 
 def test_measurers_on_ground_truth():
@@ -46,9 +54,9 @@ def test_media_round_trip(tmp_path):
     rng = random.Random(0)
     img, vid, wav = toy.make_image(rng, "blue", "circle"), toy.make_video(rng, "red", "triangle", "up"), \
         toy.make_audio(rng, "high", 2)
-    toy.save_png(tmp_path / "a.png", img)
-    toy.save_gif(tmp_path / "a.gif", vid)
-    toy.save_wav(tmp_path / "a.wav", wav)
+    media.save_image(tmp_path / "a.png", img)
+    media.save_gif(tmp_path / "a.gif", vid)
+    media.save_wav(tmp_path / "a.wav", wav)
     assert (toy.read_media("image", tmp_path / "a.png") == img).all()
     assert toy.measure_video(toy.read_media("video", tmp_path / "a.gif")) == ("red", "triangle", "up")
     assert toy.measure_audio(toy.read_media("audio", str(tmp_path / "a.wav"))) == ("high", 2)
@@ -57,12 +65,53 @@ def test_media_round_trip(tmp_path):
 def test_captions_parse_and_rule_is_a_bijection():
     caps = toy.all_captions()
     assert len(caps["image"]) == 12 and len(caps["video"]) == 48 and len(caps["audio"]) == 9
-    for m, cs in caps.items():
+    for cs in caps.values():
         for c in cs:
             assert toy.parse_caption(c + ".")
     pairs = {toy.rule_audio(c, s) for c in toy.RULE_COUNT for s in toy.SHAPES}
     assert len(pairs) == 9 and all(toy.rule_image(*toy.rule_audio(c, s)) == (c, s)
                                    for c in toy.RULE_COUNT for s in toy.SHAPES)
+
+
+def test_help_lists_every_option_and_writes_nothing(tmp_path):
+    r = subprocess.run([sys.executable, TOY, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for option in ("--recipe", "--stages", "--eval [CKPT]", "--ship [CKPT]", "--pictures [CKPT]",
+                   "--probe-video [CKPT]", "--small", "--out", "--eval-seed", "--first-stage", "--stage-epochs"):
+        assert option in r.stdout, option
+    assert "(default: 25,5,25)" in r.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_unknown_action_is_an_error_that_runs_nothing(tmp_path):
+    r = subprocess.run([sys.executable, TOY, "--no-such-action"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "toy.py: error:" in r.stderr and "--no-such-action" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not r.stdout
+    assert os.listdir(tmp_path) == []  # no out/
+
+
+def test_parse_small_then_fields_both_spellings():
+    cfg, actions = toy.parse(["--small", "--eval_seed=3", "--stage-epochs=1,2,3", "--stage_lr=1e-3,2e-3,3e-3",
+                              "--eval", "--probe-video", "some/ckpt"])
+    assert cfg == toy.ToyConfig.small(eval_seed=3, stage_epochs=(1, 2, 3), stage_lr=(1e-3, 2e-3, 3e-3))
+    assert actions == {"eval": None, "probe_video": "some/ckpt"}
+    assert toy.parse([]) == (toy.ToyConfig(), {})  # no action: the world and the backbones
+    for bad in (["--eval_seed=x"], ["--stage_epochs=1,2"], ["--no_such_field=1"], ["stray"]):
+        with pytest.raises(SystemExit) as e:
+            toy.parse(bad)
+        assert e.value.code == 2, bad
+
+
+def test_shipped_manifest_is_what_ship_writes():
+    """assets/toy/nextgpt.json's generation settings and showcase are the ones --ship records; over the official
+    defaults they give back the toy's settings."""
+    with open(os.path.join(toy.ASSETS, "nextgpt.json")) as f:
+        manifest = json.load(f)
+    generation = toy.generation_config(toy.ToyConfig())
+    assert manifest["generation"] == generation.changes()
+    assert manifest["showcase"] == toy.SHOWCASE
+    assert GenerationConfig().override(**manifest["generation"]) == generation
 
 
 def test_data_files_read_by_train(tmp_path):
@@ -95,7 +144,9 @@ def test_small_recipe_end_to_end(tmp_path):
     assert np.mean([reply[t] for t in ("text -> image", "text -> video", "text -> audio")]) >= 0.3, reply
     losses = json.load(open(os.path.join(tmp_path, "stage_losses.json")))
     assert losses["3"]["nll"] < losses["1"]["nll"], losses
-    assert os.path.isfile(os.path.join(toy.latest(toy.ToyConfig.small(out=str(tmp_path)), 3), "nextgpt.json"))
+    stage3 = toy.latest(toy.ToyConfig.small(out=str(tmp_path)), 3)
+    with open(os.path.join(stage3, "nextgpt.json")) as f:  # the toy's generation settings, through train.py
+        assert json.load(f)["generation"] == toy.generation_config(toy.ToyConfig.small()).changes()
 
 
 def test_eval_draws_a_noise_per_prompt(tmp_path, monkeypatch):
@@ -170,3 +221,28 @@ def test_video_probe_on_the_shipped_decoder():
         assert table[t]["unconditional"] > 1.5 * table[t]["true"], table[t]
     for t in (800, 950):  # measured (48 clips): 2.40x and 1.67x
         assert table[t]["opposite"] > 1.5 * table[t]["true"], table[t]
+
+
+def test_lane_workers_die_with_toy_py(tmp_path):
+    """`kill PID` of a running toy.py ends its two lane processes too (they would train on for an hour)."""
+    p = subprocess.Popen([sys.executable, TOY, "--small", f"--out={tmp_path / 'toy'}"],
+                         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children():
+        try:
+            with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+                return [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            return []
+
+    deadline = time.time() + 120
+    while len(children()) < 3 and time.time() < deadline and p.poll() is None:  # two lanes + the resource tracker
+        time.sleep(0.5)
+    workers = children()
+    assert len(workers) >= 3, "the lanes did not start"
+    time.sleep(3)  # the lanes are past their start, importing or training
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=30)
+    time.sleep(3)
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}") and "zombie" not in open(f"/proc/{w}/status").read()]
+    assert not alive, f"lane processes {alive} outlived toy.py"
