@@ -427,13 +427,15 @@ class NextGPT(nn.Module):
 
     # -- generation ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def reply(self, embeds, max_new_tokens=246, temperature=0.0, top_p=1.0, want=(), generator=None, choose=None):
+    def reply(self, embeds, max_new_tokens=246, temperature=0.0, top_p=1.0, want=(), generator=None, choose=None,
+              on_token=None):
         """
         Stream the LLM's reply to prompt embeddings (1, T, D), with the KV cache. Once a run starts ([IMG0], [VID0]
         or [AUD0]) its other tokens are forced, so every run is complete (the official code asserts instead: its
         issue #46). A modality in `want` that the reply has not produced is forced in place of the stop token.
         Returns (tokens, hs): hs[k + 1] is the final hidden state at the position where token k is the input, hs[k]
-        the one whose logits chose it (hs[0]: the prompt's last position). choose(logits) -> id replaces sampling.
+        the one whose logits chose it (hs[0]: the prompt's last position). choose(logits) -> id replaces sampling;
+        on_token(tokens) is called after each new token (streaming).
         """
         stop_ids = {self.tokenizer.eos_id}
         stop_piece = self.tokenizer.encode(self.config.stop_text, bos=False)
@@ -465,6 +467,8 @@ class NextGPT(nn.Module):
                     produced.add(starts[token])
                     forced = self.signal_ids(starts[token])[1:]
             tokens.append(token)
+            if on_token:
+                on_token(tokens)
             logits, h = self._step(token, cache, T + len(tokens) - 1)
             hs.append(h)
 
@@ -492,13 +496,17 @@ class NextGPT(nn.Module):
         return re.sub(r"\s+", " ", text).strip()
 
     @torch.no_grad()
-    def generate(self, prompt: str, images=(), videos=(), audios=(), history=(), want=(),
+    def generate(self, prompt: str, images=(), videos=(), audios=(), inputs=(), history=(), want=(),
                  config: GenerationConfig | None = None, official_inference: bool | None = None, progress=True,
-                 choose=None, **settings) -> dict:
+                 choose=None, stream=None, **settings) -> dict:
         """
         Any-to-any: prompt text plus inputs (file paths or official ImageBind tensors) -> dict(text, tokens,
-        image=[(3, H, W)], video=[(F, 3, H, W)], audio=[(samples,)]) with pixels in [0, 1] and 16 kHz audio.
-        history: earlier [(user text, reply text)] turns. want: modalities to force when the reply has none.
+        image=[(3, H, W)], video=[(F, 3, H, W)], audio=[(samples,)]) with pixels in [0, 1] and 16 kHz audio, plus
+        reply (the reply with its signal tokens, as history keeps it) and media (this turn's inputs as LLM tokens).
+        inputs: more of this turn's inputs, already LLM tokens [(modality, (n, D))], after images, videos, audios.
+        history: earlier turns, (user text, reply) or (user text, reply, media): inputs stay the tokens they were
+        projected to, marked in the user text by <image> / <video> / <audio>. want: modalities to force when the reply
+        has none. stream(text): called with the reply's text so far as it grows.
         How it samples: config (default: this model's `generation`, the checkpoint's settings over the official
         ones), then **settings, any GenerationConfig field (steps=20, guidance={"video": 1.5}, height=32, ...).
 
@@ -514,10 +522,17 @@ class NextGPT(nn.Module):
             for item in items:
                 x = LOADERS[modality](item) if isinstance(item, (str, os.PathLike)) else item
                 media.append((modality, self.encode(modality, x[None])[0]))  # (n, D)
-        embeds = self.prompt_embeds(list(history) + [(prompt, None)], media, official=official)
+        past = [m for turn in history for m in (turn[2] if len(turn) > 2 else ())]
+        turns = [(turn[0], turn[1]) for turn in history] + [(prompt, None)]
+        media += list(inputs)
+        embeds = self.prompt_embeds(turns, past + media, official=official)
+        on_token = (lambda tokens: stream(self.reply_text(tokens))) if stream else None
         tokens, hs = self.reply(embeds, g.max_new_tokens, g.temperature, g.top_p, want,
-                                torch.Generator().manual_seed(g.seed), choose)
-        out = {"text": self.reply_text(tokens), "tokens": tokens, "image": [], "video": [], "audio": []}
+                                torch.Generator().manual_seed(g.seed), choose, on_token)
+        stop = self.tokenizer.encode(self.config.stop_text, bos=False)
+        kept = tokens[:-len(stop)] if tokens[-len(stop):] == stop else tokens  # the template adds the closing ###
+        out = {"text": self.reply_text(tokens), "tokens": tokens, "reply": self.tokenizer.decode(kept).strip(),
+               "media": media, "image": [], "video": [], "audio": []}
         hs = torch.stack(hs)  # (len(tokens) + 1, D)
         for k, (modality, i) in enumerate(self.signal_runs(tokens)):
             n = self.config.signal_tokens[modality]
