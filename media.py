@@ -174,3 +174,27 @@ def save_wav(path, wave, sample_rate=16000):
     """(samples,) float in [-1, 1] -> 16-bit PCM WAV."""
     wave = np.clip(np.asarray(wave, dtype=np.float32), -1, 1)
     return write_whole(path, lambda p: soundfile.write(p, wave, sample_rate, subtype="PCM_16", format="WAV"))
+
+
+def save_reply(out, folder, tag=""):
+    """What NextGPT.generate returns as files in folder: tag + reply.txt, image_N.png, video_N.gif (and .mp4 where
+    this PyAV can encode MPEG-4), audio_N.wav, and the caption-bypass outputs beside them (image_N.bypass.png, ...).
+    -> their paths."""
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(folder, tag)
+    written = [save_text(stem + "reply.txt", out["text"] + "\n")]
+    for k, x in enumerate(out["image"]):
+        written.append(save_image(f"{stem}image_{k}.png", to_uint8(x)))
+    for k, x in enumerate(out["video"]):
+        written.append(save_gif(f"{stem}video_{k}.gif", to_uint8(x)))
+        try:
+            written.append(save_mp4(f"{stem}video_{k}.mp4", to_uint8(x)))
+        except Exception as e:  # a PyAV build without an MPEG-4 encoder: the GIF is there
+            print(f"  (no mp4: {e})")
+    for k, x in enumerate(out["audio"]):
+        written.append(save_wav(f"{stem}audio_{k}.wav", x.numpy()))
+    bypass = out.get("bypass", {})  # drawn from the decoder's own embedding of the caption
+    written += [save_image(f"{stem}image_{k}.bypass.png", to_uint8(x)) for k, x in enumerate(bypass.get("image", []))]
+    written += [save_gif(f"{stem}video_{k}.bypass.gif", to_uint8(x)) for k, x in enumerate(bypass.get("video", []))]
+    written += [save_wav(f"{stem}audio_{k}.bypass.wav", x.numpy()) for k, x in enumerate(bypass.get("audio", []))]
+    return written

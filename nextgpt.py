@@ -39,6 +39,16 @@ MODALITIES = ("image", "video", "audio")
 ENCODER_MODALITY = {"image": "vision", "video": "vision", "audio": "audio"}  # ImageBind sees a video as 2-frame clips
 SIGNAL_PREFIX = {"image": "IMG", "video": "VID", "audio": "AUD"}
 LOADERS = {"image": load_image, "video": load_video, "audio": load_audio}  # a file -> official ImageBind input
+# what NextGPT.diagnose compares a projector's output with, when the checkpoint names no captions of its own
+REFERENCE_CAPTIONS = ("a photo of a dog running on the beach", "a red car parked on a city street", "a bowl of fruit "
+                      "on a wooden table", "a man playing the guitar on stage", "birds singing in a forest",
+                      "waves crashing on the rocks", "a cat sleeping on a sofa", "fireworks over a river at night")
+
+
+def caption_distance(cond, target):
+    """The training's caption alignment (common/utils.py l2_loss): the Euclidean distance per token, averaged. cond,
+    target: (Q, W) -> a scalar (not an MSE)."""
+    return ((cond.float() - target.float()) ** 2).sum(-1).sqrt().mean()
 
 
 def added_tokens(n_image=4, n_video=24, n_audio=8):
@@ -182,6 +192,13 @@ class GenerationConfig:
                          "cells)", v)
         return self
 
+    def decoder_size(self, modality):
+        """The size arguments of that decoder's generate."""
+        if modality == "audio":
+            return {"seconds": self.seconds}
+        size = {"height": self.height[modality], "width": self.width[modality]}
+        return {**size, "frames": self.frames} if modality == "video" else size
+
     def changes(self):
         """What differs from the official settings (what a manifest records)."""
         official = asdict(GenerationConfig())
@@ -310,6 +327,7 @@ class NextGPT(nn.Module):
         self.offload = False  # True: backbones wait on the CPU and visit the GPU only while they work
         self.generation = GenerationConfig()  # from_pretrained: with what the checkpoint's nextgpt.json names
         self.showcase = []  # from_pretrained: the checkpoint's example turns (`python sample.py` runs them)
+        self.captions = {}  # from_pretrained: {modality: captions of the checkpoint's world}, for diagnose
         self._uncond = {}
 
     @property
@@ -428,14 +446,15 @@ class NextGPT(nn.Module):
     # -- generation ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reply(self, embeds, max_new_tokens=246, temperature=0.0, top_p=1.0, want=(), generator=None, choose=None,
-              on_token=None):
+              on_token=None, forced_at=None):
         """
         Stream the LLM's reply to prompt embeddings (1, T, D), with the KV cache. Once a run starts ([IMG0], [VID0]
         or [AUD0]) its other tokens are forced, so every run is complete (the official code asserts instead: its
         issue #46). A modality in `want` that the reply has not produced is forced in place of the stop token.
         Returns (tokens, hs): hs[k + 1] is the final hidden state at the position where token k is the input, hs[k]
         the one whose logits chose it (hs[0]: the prompt's last position). choose(logits) -> id replaces sampling;
-        on_token(tokens) is called after each new token (streaming).
+        on_token(tokens) is called after each new token (streaming); forced_at (a list) gets the position of every
+        run that `want` forced.
         """
         stop_ids = {self.tokenizer.eos_id}
         stop_piece = self.tokenizer.encode(self.config.stop_text, bos=False)
@@ -463,6 +482,8 @@ class NextGPT(nn.Module):
                             hs.append(self._step(token, cache, T + len(tokens) - 1)[1])
                         return tokens, hs
                     token = self.signal_ids(missing[0])[0]  # a wanted output the LLM did not give: force its run
+                    if forced_at is not None:
+                        forced_at.append(len(tokens))
                 if token in starts:
                     produced.add(starts[token])
                     forced = self.signal_ids(starts[token])[1:]
@@ -498,7 +519,7 @@ class NextGPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: str, images=(), videos=(), audios=(), inputs=(), history=(), want=(),
                  config: GenerationConfig | None = None, official_inference: bool | None = None, progress=True,
-                 choose=None, stream=None, **settings) -> dict:
+                 choose=None, stream=None, caption_bypass=False, **settings) -> dict:
         """
         Any-to-any: prompt text plus inputs (file paths or official ImageBind tensors) -> dict(text, tokens,
         image=[(3, H, W)], video=[(F, 3, H, W)], audio=[(samples,)]) with pixels in [0, 1] and 16 kHz audio, plus
@@ -506,7 +527,10 @@ class NextGPT(nn.Module):
         inputs: more of this turn's inputs, already LLM tokens [(modality, (n, D))], after images, videos, audios.
         history: earlier turns, (user text, reply) or (user text, reply, media): inputs stay the tokens they were
         projected to, marked in the user text by <image> / <video> / <audio>. want: modalities to force when the reply
-        has none. stream(text): called with the reply's text so far as it grows.
+        has none. stream(text): called with the reply's text so far as it grows. out["runs"]: each signal-token run,
+        where it starts, whether `want` forced it, the reply's caption before it and the projector's output (what
+        NextGPT.diagnose reads). caption_bypass: each decoder also draws from its own text encoder's embedding of that
+        caption instead of the projector's output, into out["bypass"] (tells a projector failure from a decoder one).
         How it samples: config (default: this model's `generation`, the checkpoint's settings over the official
         ones), then **settings, any GenerationConfig field (steps=20, guidance={"video": 1.5}, height=32, ...).
 
@@ -527,30 +551,65 @@ class NextGPT(nn.Module):
         media += list(inputs)
         embeds = self.prompt_embeds(turns, past + media, official=official)
         on_token = (lambda tokens: stream(self.reply_text(tokens))) if stream else None
+        forced_at = []
         tokens, hs = self.reply(embeds, g.max_new_tokens, g.temperature, g.top_p, want,
-                                torch.Generator().manual_seed(g.seed), choose, on_token)
+                                torch.Generator().manual_seed(g.seed), choose, on_token, forced_at)
         stop = self.tokenizer.encode(self.config.stop_text, bos=False)
         kept = tokens[:-len(stop)] if tokens[-len(stop):] == stop else tokens  # the template adds the closing ###
         out = {"text": self.reply_text(tokens), "tokens": tokens, "reply": self.tokenizer.decode(kept).strip(),
-               "media": media, "image": [], "video": [], "audio": []}
+               "media": media, "runs": [], "image": [], "video": [], "audio": [],
+               "bypass": {"image": [], "video": [], "audio": []}}
         hs = torch.stack(hs)  # (len(tokens) + 1, D)
+        end = 0  # where the text before the next run starts
         for k, (modality, i) in enumerate(self.signal_runs(tokens)):
             n = self.config.signal_tokens[modality]
             hidden = hs[i:i + n] if official else hs[i + 1:i + 1 + n]  # (N, D)
             cond = self.project_signal(modality, hidden[None])  # (1, Q, W)
-            if modality == "audio":
-                cond = cond[:, 0]  # (1, 512): AudioLDM reads one vector
-            size = {"image": dict(height=g.height["image"], width=g.width["image"]), "audio": dict(seconds=g.seconds),
-                    "video": dict(frames=g.frames, height=g.height["video"], width=g.width["video"])}[modality]
+            caption = self.reply_text(tokens[end:i]) or out["text"]
+            out["runs"].append({"modality": modality, "position": i, "forced": i in forced_at, "caption": caption,
+                                "cond": cond[0].float().cpu()})
+            end = i + n
             decoder = self.decoder(modality)
             if self.offload:
                 decoder.to(self.device)
-            result = decoder.generate(cond, self.uncond(modality), steps=g.steps, guidance=g.guidance[modality],
-                                      generator=torch.Generator().manual_seed(g.seed + k), progress=progress, **size)
+            conds = [cond[:, 0] if modality == "audio" else cond]  # AudioLDM reads one vector (1, 512)
+            if caption_bypass:
+                conds.append(decoder.embed_text([caption]).to(self.device))
+            for c, into in zip(conds, (out[modality], out["bypass"][modality])):
+                result = decoder.generate(c, self.uncond(modality), steps=g.steps, guidance=g.guidance[modality],
+                                          generator=torch.Generator().manual_seed(g.seed + k), progress=progress,
+                                          **g.decoder_size(modality))
+                into.append(result[0].float().cpu())
             if self.offload:
                 decoder.to("cpu")
-            out[modality].append(result[0].float().cpu())
         return out
+
+    @torch.no_grad()
+    def diagnose(self, out, references=None) -> list:
+        """
+        Where an output went wrong: for each run of out["runs"], whether the LLM emitted it or `want` forced it (and at
+        which token), the norm of the projector's output against the norms the decoder's own text encoder gives real
+        captions (references; default: the checkpoint's "captions" of that modality, else REFERENCE_CAPTIONS), and,
+        when the reply has a
+        caption, the training's caption-alignment distance to the decoder's embedding of it (and their cosine, for the
+        image and audio decoders, whose embeddings are compared as one vector). -> [dict per output]
+        """
+        rows = []
+        for run in out["runs"]:
+            m, cond = run["modality"], run["cond"]  # (Q, W)
+            d = self.decoder(m)
+            refs = d.embed_text(list(references or self.captions.get(m) or REFERENCE_CAPTIONS)).float().cpu()
+            norms = refs.reshape(len(refs), -1).norm(dim=1)
+            row = {"modality": m, "position": run["position"], "forced": run["forced"], "caption": run["caption"],
+                   "norm": float(cond.norm()), "caption_norms": (float(norms.min()), float(norms.mean()),
+                                                                  float(norms.max()))}
+            if run["caption"]:
+                target = d.embed_text([run["caption"]]).float().cpu().reshape(cond.shape)
+                row["distance"] = float(caption_distance(cond, target))
+                if m in ("image", "audio"):
+                    row["cosine"] = float(F.cosine_similarity(cond.flatten(), target.flatten(), dim=0))
+            rows.append(row)
+        return rows
 
     # -- weights -------------------------------------------------------------------------------------------------------
     def load_delta(self, path_or_state_dict):
@@ -642,6 +701,7 @@ class NextGPT(nn.Module):
             model.load_delta(paths["delta"])
         model.source = {k: os.path.abspath(p) for k, p in paths.items() if p}  # where each piece came from
         model.generation = generation
+        model.captions = dict(m.get("captions", {}))
         model.showcase = [{**turn, **{k: [os.path.join(ckpt, p) for p in turn[k]]
                                       for k in ("images", "videos", "audios") if k in turn}}
                           for turn in m.get("showcase", [])]

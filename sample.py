@@ -11,23 +11,19 @@ Writes reply.txt, image_N.png, video_N.gif (and .mp4), audio_N.wav into --out. T
 official ones (nextgpt.GenerationConfig), then what the checkpoint's nextgpt.json names, then the options given here.
 """
 
-import dataclasses
-import json
 import os
-import re
 import sys
 import time
 
 import torch
 
+import chat
 import cli
 import media
 import nextgpt
 
 TOY_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
-# the options that set a nextgpt.GenerationConfig field (--height / --width: images and videos alike)
-SETTINGS = ("max_new_tokens", "temperature", "top_p", "seed", "steps", "guidance", "height", "width", "frames",
-            "seconds")
+SETTINGS = chat.SETTINGS  # the options that set a nextgpt.GenerationConfig field (--height / --width: both sizes)
 
 
 def parse(argv):
@@ -60,6 +56,10 @@ def parse(argv):
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first there is)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on cuda, float32 elsewhere")
+    p.add_argument("--diagnose", action="store_true", help="after each reply, a table per output: whether the LLM "
+                   "emitted its signal tokens, the projector's output against the decoder's own caption embeddings")
+    p.add_argument("--caption-bypass", action="store_true", help="also draw each output from the decoder's own text "
+                   "embedding of the reply's caption (image_0.bypass.png beside image_0.png)")
     p.add_argument("--official-inference", action="store_true",
                    help="the official inference: the prompt ends at 'Assistant:' and the projector reads "
                         "its hidden states one position early")
@@ -127,30 +127,15 @@ def run(model, args, prompt, images=(), audios=(), videos=(), want=(), tag=""):
     """Generate one reply and write its files (each written whole: to a temporary name, then renamed)."""
     settings = {k: getattr(args, k) for k in SETTINGS}  # None: the model's own (its nextgpt.json, or official)
     out = model.generate(prompt, images=images, audios=audios, videos=videos, want=want,
-                         official_inference=args.official_inference or None, **settings)
+                         official_inference=args.official_inference or None, caption_bypass=args.caption_bypass,
+                         **settings)
     given = [os.path.basename(p) for p in (*images, *audios, *videos)]
     print(f"> {prompt}" + (f"  [{', '.join(given)}]" if given else "") + f"\n{out['text']}")
-    for w in write_outputs(out, args.out, tag):
+    for w in media.save_reply(out, args.out, tag):
         print(f"  wrote {w}")
+    if args.diagnose:
+        print(chat.diagnosis(model.diagnose(out)))
     return out
-
-
-def write_outputs(out, folder, tag=""):
-    """The reply's text and media as files in folder, each written whole. -> their paths."""
-    os.makedirs(folder, exist_ok=True)
-    stem = os.path.join(folder, tag)
-    written = [media.save_text(stem + "reply.txt", out["text"] + "\n")]
-    for k, x in enumerate(out["image"]):
-        written.append(media.save_image(f"{stem}image_{k}.png", media.to_uint8(x)))
-    for k, x in enumerate(out["video"]):
-        written.append(media.save_gif(f"{stem}video_{k}.gif", media.to_uint8(x)))
-        try:
-            written.append(media.save_mp4(f"{stem}video_{k}.mp4", media.to_uint8(x)))
-        except Exception as e:  # a PyAV build without an MPEG-4 encoder: the GIF is there
-            print(f"  (no mp4: {e})")
-    for k, x in enumerate(out["audio"]):
-        written.append(media.save_wav(f"{stem}audio_{k}.wav", x.numpy()))
-    return written
 
 
 def showcase(model, args):
@@ -185,7 +170,7 @@ def generate(args):
             args.tiny_random = True
     model = load(args)
     if args.chat:
-        return Chat(model, args).loop(sys.stdin)
+        return chat.Chat(model, args).loop(sys.stdin)
     if args.prompt is None:
         if model.showcase:
             return showcase(model, args)
@@ -193,145 +178,6 @@ def generate(args):
     run(model, args, args.prompt, args.image, args.audio, args.video, args.want)
 
 
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The chat: several turns, inputs and outputs in any modality
-
-CHAT_HELP = """Type a message and press Enter; its reply streams, then its outputs are drawn and written to --out.
-  /image PATH, /video PATH, /audio PATH   attach a file to the next message (or inline: <image:PATH> in the text)
-  /want image|video|audio                 the next reply must have that output (forced if the LLM gives none)
-  /reset                                  forget the conversation
-  /save FILE                              the transcript as JSON: turns, attachments, outputs, settings, seed
-  /help                                   this
-  /quit (or Ctrl-D)                       end"""
-
-
-class Chat:
-    """
-    A conversation with NextGPT in the legacy template (`### Human: ... ### Assistant: ...`, then `Human: ...`). Each
-    turn is kept as its text with <image> / <video> / <audio> markers, its reply with its signal tokens and its inputs
-    as the LLM tokens they were projected to (never encoded twice). When the next prompt would not fit the LLM's
-    context, the oldest turns go, with a notice.
-    """
-
-    def __init__(self, model, args, say=print):
-        self.model, self.args, self.say = model, args, say
-        self.settings = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
-        self.history, self.attached, self.want, self.transcript = [], [], [], []
-
-    def loop(self, lines):
-        """Read turns and commands until /quit or the end of input (a terminal gets a prompt, a pipe an echo)."""
-        tty = lines.isatty()
-        self.say("NExT-GPT chat: /help lists the commands" if tty else f"chat on {self.args.ckpt or 'tiny random'}")
-        while True:
-            try:
-                line = input("you> ") if tty else next(lines)
-            except (EOFError, StopIteration):
-                break
-            line = line.strip()
-            if not tty and line:
-                self.say(f"you> {line}")
-            if line and not self.handle(line):
-                break
-        self.say("bye")
-
-    def handle(self, line):
-        """One typed line: a command or a message. False ends the chat. Mistakes are one line each; nothing is lost."""
-        if not line.startswith("/"):
-            return self.ask(line) or True
-        command, _, arg = line.partition(" ")
-        arg = arg.strip()
-        if command in ("/image", "/video", "/audio"):
-            self.attach(command[1:], arg)
-        elif command == "/want":
-            if arg not in nextgpt.MODALITIES:
-                self.say(f"/want takes image, video or audio (got {arg!r})")
-            else:
-                self.want.append(arg)
-        elif command == "/reset":
-            self.history, self.attached, self.want = [], [], []
-            self.say("(the conversation is forgotten)")
-        elif command == "/save":
-            self.save(arg)
-        elif command == "/help":
-            self.say(CHAT_HELP)
-        elif command == "/quit":
-            return False
-        else:
-            self.say(f"unknown command {command}; /help lists them")
-        return True
-
-    def attach(self, modality, path):
-        if not path or not os.path.isfile(path):
-            return self.say(f"/{modality} {path}: no such file (nothing attached)")
-        try:  # encoded now, so that a bad file is named before the message is typed
-            tokens = self.model.encode(modality, nextgpt.LOADERS[modality](path)[None])[0]
-        except (OSError, ValueError) as e:
-            return self.say(f"/{modality} {path}: {e} (nothing attached)")
-        self.attached.append((modality, path, tokens))
-        self.say(f"({modality} {os.path.basename(path)} attached to the next message)")
-
-    def ask(self, text):
-        for modality, path in re.findall(r"<(image|video|audio):([^>]+)>", text):  # inline attachments
-            before = len(self.attached)
-            self.attach(modality, path.strip())
-            if len(self.attached) == before:
-                return
-        text = re.sub(r"<(image|video|audio):[^>]+>", r"<\1>", text)
-        for m in nextgpt.MODALITIES:  # an attachment without a marker goes before the text
-            missing = sum(a[0] == m for a in self.attached) - text.count(f"<{m}>")
-            text = f"<{m}> " * max(missing, 0) + text
-        inputs = [(m, tokens) for m, _, tokens in self.attached]
-        self.fit(text, inputs)
-        shown = []
-
-        def stream(reply):
-            new = reply[len(shown[0]):] if shown and reply.startswith(shown[0]) else reply if not shown else ""
-            print(("nextgpt> " if not shown else "") + new, end="", flush=True)
-            shown[:] = [reply]
-
-        g = self.model.generation.override(**self.settings)
-        try:
-            out = self.model.generate(text, inputs=inputs, history=self.history, want=self.want, config=g,
-                                      stream=stream, official_inference=self.args.official_inference or None)
-        except ValueError as e:
-            return self.say(f"\n({e}; the message is not sent)")
-        made = [m for m in nextgpt.MODALITIES if out[m]]
-        text_ = "" if shown and shown[0] else f"nextgpt> {out['text'] or '(' + ', '.join(made or ['no reply']) + ')'}"
-        print(text_ + "\n", end="", flush=True)
-        n = len(self.transcript) + 1
-        files = write_outputs(out, self.args.out, f"turn_{n}_")
-        for f in files[1:]:
-            self.say(f"  wrote {f}")
-        self.history.append((text, out["reply"], out["media"]))
-        self.transcript.append({"turn": n, "user": text, "attachments": [[m, p] for m, p, _ in self.attached],
-                                "want": self.want, "reply": out["text"], "outputs": files[1:]})
-        self.attached, self.want = [], []
-
-    def fit(self, text, inputs):
-        """Drop the oldest turns while the prompt leaves less room for the reply than it needs."""
-        c, g = self.model.config, self.model.generation.override(**self.settings)
-        room = sum(c.signal_tokens.values()) + 1 + min(g.max_new_tokens, c.llm.max_seq_len // 4)
-        while self.history:
-            turns = [(u, r) for u, r, _ in self.history] + [(text, None)]
-            past = [x for _, _, media_ in self.history for x in media_] + inputs
-            if self.model.prompt_embeds(turns, past).shape[1] + room <= c.llm.max_seq_len:
-                return
-            self.history.pop(0)
-            self.say(f"(the oldest turn is dropped: the conversation no longer fits the LLM's {c.llm.max_seq_len} "
-                     "tokens)")
-
-    def save(self, path):
-        if not path:
-            return self.say("/save takes a file name")
-        g = self.model.generation.override(**self.settings)
-        record = {"ckpt": self.args.ckpt, "settings": dataclasses.asdict(g), "seed": g.seed, "turns": self.transcript}
-        try:
-            media.save_text(path, json.dumps(record, indent=1) + "\n")
-        except OSError as e:
-            return self.say(f"/save {path}: {e.strerror} (not saved)")
-        self.say(f"(transcript saved to {path})")
 
 
 if __name__ == "__main__":

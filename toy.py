@@ -1177,6 +1177,7 @@ def ship(cfg, step_folder, dest=ASSETS):
     manifest["files"]["delta"] = "nextgpt.safetensors"
     manifest["generation"] = generation_config(cfg).changes()  # over the official 512 px, 24 frames, 9 s
     manifest["showcase"] = SHOWCASE
+    manifest["captions"] = all_captions()  # what NextGPT.diagnose compares a projector's output with
     dump(os.path.join(dest, nextgpt.MANIFEST), manifest)
     media.save_image(os.path.join(dest, "example.png"), make_image(random.Random(cfg.seed + 7), "green", "triangle"))
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(dest) for f in fs)

@@ -386,8 +386,7 @@ def compute_losses(model, batch, cfg, memo):
                 if "align" in cfg.losses and caption:
                     target = caption_target(model, modality, caption, emb, memo).to(cond.device)
                     w = cfg.video_align_weight if modality == "video" else 1.0
-                    # l2_loss of common/utils.py: per-token Euclidean distance, averaged (not an MSE)
-                    align = align + w * ((cond[0].float() - target) ** 2).sum(-1).sqrt().mean()
+                    align = align + w * nextgpt.caption_distance(cond[0], target)
                     n_align += 1
                 if "denoise" in cfg.losses and cfg.denoise_weight > 0 and target_media:
                     den = den + denoise_loss(model, modality, cond, target_media)

@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
+import chat
 import nextgpt
 import sample
 import toy
@@ -19,10 +20,10 @@ import toy
 TOY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy")
 
 
-def chat(model, lines, out, *flags):
+def session(model, lines, out, *flags):
     args = sample.parse(["--chat", "--out", str(out), *flags])
     said = []
-    c = sample.Chat(model, args, say=said.append)
+    c = chat.Chat(model, args, say=said.append)
     c.loop(io.StringIO("".join(line + "\n" for line in lines)))
     return c, said
 
@@ -36,7 +37,7 @@ def test_three_turns_on_the_toy(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(model, "encode", lambda *a: encoded.append(a[0]) or real_encode(*a))
     monkeypatch.setattr(model, "prompt_embeds", lambda turns, *a, **k: prompts.append(turns) or real_embeds(turns, *a,
                                                                                                             **k))
-    c, said = chat(model, [f"/image {TOY}/example.png", "Describe this image.", "/want image", "Now draw it.",
+    c, said = session(model, [f"/image {TOY}/example.png", "Describe this image.", "/want image", "Now draw it.",
                            "/want audio", "Now play its sound."], tmp_path)
     printed = capsys.readouterr().out
     assert "nextgpt> a green triangle" in printed  # the streamed reply of turn 1
@@ -60,7 +61,7 @@ def test_commands_mistakes_reset_save_and_end_of_input(tmp_path):
     good = tmp_path / "red.png"
     Image.fromarray(toy.make_image(random.Random(0), "red", "circle")).save(good)
     saved = tmp_path / "chat.json"
-    c, said = chat(model, ["hello", f"/image {tmp_path}/nope.png", f"/image {broken}", "/want smell", "/frobnicate",
+    c, said = session(model, ["hello", f"/image {tmp_path}/nope.png", f"/image {broken}", "/want smell", "/frobnicate",
                            f"what is in <image:{good}>?", f"/save {saved}", "/reset", "again", "/help"], tmp_path / "o")
     assert any("nope.png: no such file" in s for s in said)
     assert any("broken.png: cannot read image" in s for s in said)
@@ -78,7 +79,7 @@ def test_commands_mistakes_reset_save_and_end_of_input(tmp_path):
 def test_the_oldest_turns_go_when_the_context_is_full(tmp_path):
     model = nextgpt.tiny_random(0)
     model.config.llm = replace(model.config.llm, max_seq_len=120)  # a short context: two turns of ~30 tokens fit
-    c, said = chat(model, [f"turn {k} " + "word " * 6 for k in range(6)], tmp_path, "--max-new-tokens", "8")
+    c, said = session(model, [f"turn {k} " + "word " * 6 for k in range(6)], tmp_path, "--max-new-tokens", "8")
     assert any("the oldest turn is dropped" in s for s in said)
     assert 1 <= len(c.history) < 6 and c.history[-1][0].startswith("turn 5")
     assert len(c.transcript) == 6  # every reply was made: none failed for want of room

@@ -110,7 +110,7 @@ def test_shipped_manifest_is_what_ship_writes():
         manifest = json.load(f)
     generation = toy.generation_config(toy.ToyConfig())
     assert manifest["generation"] == generation.changes()
-    assert manifest["showcase"] == toy.SHOWCASE
+    assert manifest["showcase"] == toy.SHOWCASE and manifest["captions"] == toy.all_captions()
     assert GenerationConfig().override(**manifest["generation"]) == generation
 
 
