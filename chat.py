@@ -156,6 +156,7 @@ class Chat:
         g = self.model.generation.override(**self.settings)
         record = {"ckpt": self.args.ckpt, "settings": dataclasses.asdict(g), "seed": g.seed, "turns": self.transcript}
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             media.save_text(path, json.dumps(record, indent=1) + "\n")
         except OSError as e:
             return self.say(f"/save {path}: {e.strerror} (not saved)")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import bpe
 import decoders as dec
 import llm
+import samplers
 import weights
 from encoder import Attention, ImageBind, ImageBindConfig, load_audio, load_image, load_video
 from grouping import GroupProjector
@@ -685,8 +686,13 @@ class NextGPT(nn.Module):
                 continue
             if not os.path.exists(path):
                 raise FileNotFoundError(f"missing {path}: {files[name][1]} (see README.md, 'Weights')")
-        lm = LLaMA.from_pretrained(paths["vicuna"], dtype=dtype, device=device)
-        tok = bpe.LLaMATokenizer(os.path.join(paths["vicuna"], "tokenizer.model"), config.added_tokens)
+        tok_path = os.path.join(paths["vicuna"], "tokenizer.model")
+        tok = bpe.LLaMATokenizer(tok_path, config.added_tokens)
+        if tok.sp.get_piece_size() != config.llm.vocab_size:  # checked before the LLM's gigabytes are read
+            raise ValueError(f"{tok_path} has {tok.sp.get_piece_size()} pieces, this NExT-GPT's LLM "
+                             f"{config.llm.vocab_size} (LLaMA-1's, which Vicuna v0 and the delta were made with): "
+                             "the tokenizer of another model?")
+        lm = LLaMA.from_pretrained(paths["vicuna"], dtype=dtype, device=device, expect=config.llm)
         home = "cpu" if offload else device  # where the backbones live between uses
         imagebind = ImageBind.from_pretrained(paths["imagebind"], config=config.imagebind,
                                               modalities=("vision", "audio"), dtype=dtype, device=home)
@@ -799,7 +805,7 @@ def tiny_random(seed: int = 0, input_proj: str = "linear") -> NextGPT:
                                   ("audio", "tiny-audio", "tiny-audio", clap)):
         unet = (dec.UNet3D if kind == "video" else dec.UNet2D)(dec.UNetConfig.preset(unet))
         vocoder = dec.HiFiGAN(dec.HiFiGANConfig.preset("tiny")) if kind == "audio" else None
-        decoders[kind] = dec.Decoder(kind, None, unet, dec.VAE(dec.VAEConfig.preset(vae)), dec.DDIM(), vocoder,
+        decoders[kind] = dec.Decoder(kind, None, unet, dec.VAE(dec.VAEConfig.preset(vae)), samplers.DDIM(), vocoder,
                                      text_encoder=text[0], tokenizer=text[1])
         for part in (unet, decoders[kind].vae, vocoder, text[0]):
             if part is not None:

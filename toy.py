@@ -63,6 +63,7 @@ import encoder
 import llm
 import media
 import nextgpt
+import samplers
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -632,7 +633,7 @@ VIDEO_DDIM_CONFIG = {**DDIM_CONFIG, "rescale_betas_zero_snr": True, "prediction_
 
 
 def sampler(kind="image"):
-    return dec.DDIM(**{k: v for k, v in (VIDEO_DDIM_CONFIG if kind == "video" else DDIM_CONFIG).items()
+    return samplers.DDIM(**{k: v for k, v in (VIDEO_DDIM_CONFIG if kind == "video" else DDIM_CONFIG).items()
                        if k != "_class_name"})
 
 

@@ -10,6 +10,7 @@ import torch
 
 import bpe
 import decoders as D
+import samplers
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 diffusers = pytest.importorskip("diffusers")
@@ -254,17 +255,18 @@ AUDIOLDM_SCHED = {"_class_name": "DDIMScheduler", "beta_end": 0.0195, "beta_sche
                   "beta_start": 0.0015, "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False,
                   "steps_offset": 1, "trained_betas": None}
 SAMPLER_CASES = [
-    ("PNDMScheduler", D.PNDM, SD_SCHED),
-    ("DDIMScheduler", D.DDIM, ZEROSCOPE_SCHED),
-    ("DDIMScheduler", D.DDIM, AUDIOLDM_SCHED),
-    ("DPMSolverMultistepScheduler", D.DPMSolver, SD_SCHED),
-    ("DPMSolverMultistepScheduler", D.DPMSolver, {**AUDIOLDM_SCHED, "timestep_spacing": "leading"}),
-    ("DPMSolverMultistepScheduler", D.DPMSolver, {**SD_SCHED, "timestep_spacing": "trailing",
+    ("PNDMScheduler", samplers.PNDM, SD_SCHED),
+    ("DDIMScheduler", samplers.DDIM, ZEROSCOPE_SCHED),
+    ("DDIMScheduler", samplers.DDIM, AUDIOLDM_SCHED),
+    ("DPMSolverMultistepScheduler", samplers.DPMSolver, SD_SCHED),
+    ("DPMSolverMultistepScheduler", samplers.DPMSolver, {**AUDIOLDM_SCHED, "timestep_spacing": "leading"}),
+    ("DPMSolverMultistepScheduler", samplers.DPMSolver, {**SD_SCHED, "timestep_spacing": "trailing",
                                                   "prediction_type": "v_prediction"}),
-    ("DDIMScheduler", D.DDIM, {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}),  # clip_sample on
-    ("DDIMScheduler", D.DDIM, {**ZEROSCOPE_SCHED, "timestep_spacing": "linspace"}),
-    ("PNDMScheduler", D.PNDM, {**SD_SCHED, "timestep_spacing": "trailing", "beta_schedule": "linear"}),
-    ("DDIMScheduler", D.DDIM, {**ZEROSCOPE_SCHED, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+    # clip_sample on
+    ("DDIMScheduler", samplers.DDIM, {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+    ("DDIMScheduler", samplers.DDIM, {**ZEROSCOPE_SCHED, "timestep_spacing": "linspace"}),
+    ("PNDMScheduler", samplers.PNDM, {**SD_SCHED, "timestep_spacing": "trailing", "beta_schedule": "linear"}),
+    ("DDIMScheduler", samplers.DDIM, {**ZEROSCOPE_SCHED, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
                                "steps_offset": 0, "prediction_type": "v_prediction"}),  # zero terminal SNR
 ]
 
@@ -296,10 +298,10 @@ def test_sampler_trajectory(tmp_path, ref_name, ours_cls, config, steps):
 
 
 def test_load_sampler_picks_the_class(tmp_path):
-    assert isinstance(D.load_sampler(write_sched(tmp_path, SD_SCHED)), D.PNDM)
-    assert isinstance(D.load_sampler(str(tmp_path), kind="dpm"), D.DPMSolver)
+    assert isinstance(samplers.load_sampler(write_sched(tmp_path, SD_SCHED)), samplers.PNDM)
+    assert isinstance(samplers.load_sampler(str(tmp_path), kind="dpm"), samplers.DPMSolver)
     with pytest.raises(NotImplementedError, match="skip_prk_steps"):
-        D.PNDM(skip_prk_steps=False)
+        samplers.PNDM(skip_prk_steps=False)
 
 
 @pytest.mark.parametrize("config", [SD_SCHED, AUDIOLDM_SCHED, {**SD_SCHED, "prediction_type": "v_prediction"}])
@@ -310,12 +312,13 @@ def test_add_noise(tmp_path, config):
     x0, noise = torch.randn(3, 4, 6, 6, generator=g), torch.randn(3, 4, 6, 6, generator=g)
     t = torch.tensor([0, 500, 999])
     want = ref.add_noise(x0, noise, t)
-    for cls in (D.DDIM, D.PNDM, D.DPMSolver):
+    for cls in (samplers.DDIM, samplers.PNDM, samplers.DPMSolver):
         assert maxdiff(cls.from_pretrained(folder).add_noise(x0, noise, t), want) <= 1e-6
-    assert maxdiff(D.DDIM.from_pretrained(folder).add_noise(x0, noise, 500), ref.add_noise(x0, noise, t[1:2])) <= 1e-6
+    ours = samplers.DDIM.from_pretrained(folder).add_noise(x0, noise, 500)
+    assert maxdiff(ours, ref.add_noise(x0, noise, t[1:2])) <= 1e-6
     # the training target: the noise, or diffusers' get_velocity for a v-prediction config
     want = ref.get_velocity(x0, noise, t) if config.get("prediction_type") == "v_prediction" else noise
-    assert maxdiff(D.DDIM.from_pretrained(folder).target(x0, noise, t), want) <= 1e-6
+    assert maxdiff(samplers.DDIM.from_pretrained(folder).target(x0, noise, t), want) <= 1e-6
 
 
 # ---- full pipelines against diffusers' own, same tiny components, same initial latents
@@ -324,8 +327,8 @@ def _both(tmp_path, ref_model, ours_cls, name):
     return ours_cls.from_pretrained(saved(ref_model, tmp_path / name))
 
 
-@pytest.mark.parametrize("sched,use_seed", [(("PNDMScheduler", D.PNDM), False),
-                                            (("DPMSolverMultistepScheduler", D.DPMSolver), True)])
+@pytest.mark.parametrize("sched,use_seed", [(("PNDMScheduler", samplers.PNDM), False),
+                                            (("DPMSolverMultistepScheduler", samplers.DPMSolver), True)])
 def test_generate_image(tmp_path, sd_unet, sched, use_seed):
     ref_unet, unet_folder = sd_unet
     ref_vae = randomize(diffusers.AutoencoderKL(**SD_VAE), 8)
@@ -350,7 +353,8 @@ def test_generate_image(tmp_path, sd_unet, sched, use_seed):
     assert got.shape == (2, 3, 32, 48) and maxdiff(got, want) <= 1e-3
 
 
-@pytest.mark.parametrize("sched", [("DDIMScheduler", D.DDIM), ("DPMSolverMultistepScheduler", D.DPMSolver)])
+@pytest.mark.parametrize("sched", [("DDIMScheduler", samplers.DDIM),
+                                   ("DPMSolverMultistepScheduler", samplers.DPMSolver)])
 def test_generate_video(tmp_path, video_unet, sched):
     """diffusers steps (B*F, C, h, w), we step (B, C, F, h, w): the same, as the samplers are elementwise."""
     ref_unet, unet_folder = video_unet
@@ -385,7 +389,7 @@ def test_generate_audio(tmp_path, audio_unet):
                                       scheduler=diffusers.DDIMScheduler.from_pretrained(folder), vocoder=vocoder)
     pipe.set_progress_bar_config(disable=True)
     unet, vae, sampler = D.UNet2D.from_pretrained(unet_folder), _both(tmp_path, ref_vae, D.VAE, "vae"), \
-        D.DDIM.from_pretrained(folder)
+        samplers.DDIM.from_pretrained(folder)
     voc = _both(tmp_path, vocoder, D.HiFiGAN, "vocoder")
     g = torch.Generator().manual_seed(2)
     cond, uncond = torch.randn(2, 10, generator=g), torch.randn(1, 10, generator=g)
@@ -474,7 +478,7 @@ def test_missing_folder_and_files(tmp_path, sd_unet):
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
         D.UNet2D.from_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
-        D.DDIM.from_pretrained(str(tmp_path))
+        samplers.DDIM.from_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         D.load_image_decoder(str(tmp_path / "nowhere"))
     with pytest.raises(D.CheckpointError, match="2-D UNet: use UNet2D"):
@@ -600,7 +604,7 @@ def test_load_audio_decoder(tmp_path, audio_unet):
     (root / "scheduler").mkdir()
     write_sched(root / "scheduler", AUDIOLDM_SCHED)
     dec = D.load_audio_decoder(str(root))
-    assert dec.kind == "audio" and isinstance(dec.sampler, D.DDIM) and dec._text_encoder is None  # lazy
+    assert dec.kind == "audio" and isinstance(dec.sampler, samplers.DDIM) and dec._text_encoder is None  # lazy
     texts = ["", "the cat sat"]
     tok = transformers.RobertaTokenizer.from_pretrained(str(root / "tokenizer"))
     inputs = tok(texts, padding="max_length", max_length=30, truncation=True, return_tensors="pt")
@@ -633,7 +637,7 @@ def test_load_image_decoder_text_embedding(tmp_path, sd_unet):
         max_position_embeddings=77, bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1)), 16)
     saved(clip, root / "text_encoder")
     dec = D.load_image_decoder(str(root), sampler="ddim")
-    assert isinstance(dec.sampler, D.DDIM) and isinstance(dec.unet, D.UNet2D)
+    assert isinstance(dec.sampler, samplers.DDIM) and isinstance(dec.unet, D.UNet2D)
     # the tokenizer itself is compared with transformers' in test_clip_tokenizer_from_encoder
     ids = bpe.CLIPTokenizer.from_folder(str(tok_dir))(["", "a cat"], context_length=77)
     assert ids[0, :3].tolist() == [len(vocab) - 2, len(vocab) - 1, len(vocab) - 1]  # SOT, EOT, padded with EOT
@@ -658,6 +662,6 @@ def test_tiny_presets_run():
         assert voc(torch.randn(1, 7, 16)).shape == (1, 7 * 8)
         assert clip(torch.randint(0, 1000, (2, 77))).shape == (2, 77, 32)
         assert clap(torch.randint(0, 1000, (2, 9)), torch.ones(2, 9, dtype=torch.long)).shape == (2, 16)
-        img = D.generate_image(unet, vae, D.DDIM(), torch.randn(1, 5, 32), torch.zeros(1, 5, 32), steps=2,
+        img = D.generate_image(unet, vae, samplers.DDIM(), torch.randn(1, 5, 32), torch.zeros(1, 5, 32), steps=2,
                                height=16, width=16, generator=0, progress=False)
     assert img.shape == (1, 3, 16, 16) and 0 <= img.min() and img.max() <= 1
