@@ -275,12 +275,12 @@ def dry_run_parts(scale):
              "audio": ("audioldm-l-full", "audioldm-l-full", "audioldm-l-full")} if official else \
         {"image": ("tiny", "tiny", "tiny"), "video": ("tiny-video", "tiny", "tiny"),
          "audio": ("tiny-audio", "tiny-audio", "tiny")}
-    decoders = {}
+    parts = {}
     for m, (unet, vae, text) in names.items():
-        decoders[m] = dict(unet=decoders.UNetConfig.preset(unet), vae=decoders.VAEConfig.preset(vae),
-                           text=(decoders.CLAPTextConfig if m == "audio" else decoders.CLIPTextConfig).preset(text))
-    decoders["audio"]["vocoder"] = decoders.HiFiGANConfig.preset("audioldm-l-full" if official else "tiny")
-    return config, decoders
+        parts[m] = dict(unet=decoders.UNetConfig.preset(unet), vae=decoders.VAEConfig.preset(vae),
+                        text=(decoders.CLAPTextConfig if m == "audio" else decoders.CLIPTextConfig).preset(text))
+    parts["audio"]["vocoder"] = decoders.HiFiGANConfig.preset("audioldm-l-full" if official else "tiny")
+    return config, parts
 
 
 # scheduler_config.json as published (the values tests/test_decoders.py checks our samplers against)
@@ -662,7 +662,7 @@ def full_scale(folder, run=None, log=print):
     del out
     gc.collect()
     if run.train:
-        _train_steps(model, folder, run, stages, train)
+        _train_steps(model, folder, run, stages)
     total = sum(r[1] for r in stages.rows)
     peaks = [r[2] for r in stages.rows if r[2] is not None]
     log(f"total {total:.0f} s; the highest peak {max(peaks) / 2**30:.2f} GiB" if peaks else f"total {total:.0f} s")
@@ -678,7 +678,7 @@ def full_scale(folder, run=None, log=print):
     return stages.rows
 
 
-def _train_steps(model, folder, run, stages, train):
+def _train_steps(model, folder, run, stages):
     """One step of each stage at this scale, in the model's dtype: stage 1 (image -> caption), stage 2 (caption ->
     image signal tokens: NLL + alignment + the latent denoising loss through the image UNet), stage 3 (LoRA and
     gradient checkpointing: an image in, an image out)."""
