@@ -109,12 +109,17 @@ class Chat:
             text = f"<{m}> " * max(missing, 0) + text
         inputs = [(m, tokens) for m, _, tokens in self.attached]
         self.fit(text, inputs)
-        shown = []
+        shown = []  # the reply printed so far, once there is one
 
         def stream(reply):
-            new = reply[len(shown[0]):] if shown and reply.startswith(shown[0]) else reply if not shown else ""
-            print(("nextgpt> " if not shown else "") + new, end="", flush=True)
-            shown[:] = [reply]
+            if reply is None:  # whole: end its line before the decoders' progress bars
+                return print(flush=True) if shown else None
+            if reply and not shown:
+                print("nextgpt> ", end="")
+                shown.append("")
+            if shown:
+                print(reply[len(shown[0]):] if reply.startswith(shown[0]) else "", end="", flush=True)
+                shown[0] = reply
 
         g = self.model.generation.override(**self.settings)
         try:
@@ -123,9 +128,8 @@ class Chat:
                                       caption_bypass=self.args.caption_bypass)
         except ValueError as e:
             return self.say(f"\n({e}; the message is not sent)")
-        made = [m for m in nextgpt.MODALITIES if out[m]]
-        text_ = "" if shown and shown[0] else f"nextgpt> {out['text'] or '(' + ', '.join(made or ['no reply']) + ')'}"
-        print(text_ + "\n", end="", flush=True)
+        if not shown:  # a reply of signal tokens only
+            self.say(f"nextgpt> ({', '.join(m for m in nextgpt.MODALITIES if out[m]) or 'no reply'})")
         n = len(self.transcript) + 1
         files = media.save_reply(out, self.args.out, f"turn_{n}_")
         for f in files[1:]:

@@ -325,6 +325,8 @@ class NextGPT(nn.Module):
         # The frozen backbones sit in a plain dict, outside the module tree: no state-dict entries, no .to() of
         # 10 GB by accident. decoders: {"image": decoders.Decoder, or a function that loads one on first use}.
         self.backbones = {"encoder": encoder, **(decoders or {})}
+        self.loaders = {m: d for m, d in (decoders or {}).items() if not hasattr(d, "generate")}  # to load again
+        self.keep_decoders = True  # False (from_pretrained's default): a decoder loaded from files goes after its work
         self.offload = False  # True: backbones wait on the CPU and visit the GPU only while they work
         self.generation = GenerationConfig()  # from_pretrained: with what the checkpoint's nextgpt.json names
         self.showcase = []  # from_pretrained: the checkpoint's example turns (`python sample.py` runs them)
@@ -438,6 +440,12 @@ class NextGPT(nn.Module):
             d = self.backbones[modality] = d()
         return d
 
+    def release(self, modality):
+        """Free a decoder that was loaded from its files, unless keep_decoders: the next use loads it again, so that
+        only one decoder at a time holds memory (the official checkpoints' three take 8 GB in fp16)."""
+        if not self.keep_decoders and modality in self.loaders:
+            self.backbones[modality] = self.loaders[modality]
+
     def uncond(self, modality):
         """NExT-GPT's unconditional embedding: the decoder's own text encoder on "" (CLAP: normalised)."""
         if modality not in self._uncond:
@@ -528,7 +536,8 @@ class NextGPT(nn.Module):
         inputs: more of this turn's inputs, already LLM tokens [(modality, (n, D))], after images, videos, audios.
         history: earlier turns, (user text, reply) or (user text, reply, media): inputs stay the tokens they were
         projected to, marked in the user text by <image> / <video> / <audio>. want: modalities to force when the reply
-        has none. stream(text): called with the reply's text so far as it grows. out["runs"]: each signal-token run,
+        has none. stream(text): called with the reply's text so far as it grows, then with None once it is whole
+        (before the decoders start). out["runs"]: each signal-token run,
         where it starts, whether `want` forced it, the reply's caption before it and the projector's output (what
         NextGPT.diagnose reads). caption_bypass: each decoder also draws from its own text encoder's embedding of that
         caption instead of the projector's output, into out["bypass"] (tells a projector failure from a decoder one).
@@ -555,6 +564,8 @@ class NextGPT(nn.Module):
         forced_at = []
         tokens, hs = self.reply(embeds, g.max_new_tokens, g.temperature, g.top_p, want,
                                 torch.Generator().manual_seed(g.seed), choose, on_token, forced_at)
+        if stream:
+            stream(None)
         stop = self.tokenizer.encode(self.config.stop_text, bos=False)
         kept = tokens[:-len(stop)] if tokens[-len(stop):] == stop else tokens  # the template adds the closing ###
         out = {"text": self.reply_text(tokens), "tokens": tokens, "reply": self.tokenizer.decode(kept).strip(),
@@ -583,6 +594,8 @@ class NextGPT(nn.Module):
                 into.append(result[0].float().cpu())
             if self.offload:
                 decoder.to("cpu")
+            del decoder
+            self.release(modality)
         return out
 
     @torch.no_grad()
@@ -610,6 +623,8 @@ class NextGPT(nn.Module):
                 if m in ("image", "audio"):
                     row["cosine"] = float(F.cosine_similarity(cond.flatten(), target.flatten(), dim=0))
             rows.append(row)
+            del d
+            self.release(m)
         return rows
 
     # -- weights -------------------------------------------------------------------------------------------------------
@@ -652,7 +667,8 @@ class NextGPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, ckpt: str = "checkpoints", dtype: torch.dtype | None = None, device=None,
-                        decoders=MODALITIES, delta: str | None = None, offload: bool = False) -> "NextGPT":
+                        decoders=MODALITIES, delta: str | None = None, offload: bool = False,
+                        keep_decoders: bool = False) -> "NextGPT":
         """
         A folder with the official files (README.md, 'Weights'):
             imagebind_huge.pth, vicuna-7b-v0/, nextgpt_7b_tiva_v0/pytorch_model.pt,
@@ -663,7 +679,8 @@ class NextGPT(nn.Module):
         delta: another delta file to load instead (e.g. a train.py checkpoint over the official backbones).
         offload: ImageBind and the decoders wait on the CPU and visit `device` only while they work, so that the LLM
         and one backbone at a time share the GPU (README.md, 'Memory').
-        Each missing piece is named with where it comes from. Decoders load on first use, one at a time.
+        Each missing piece is named with where it comes from. Decoders load on first use, one at a time, and are
+        freed after their work unless keep_decoders (faster for many generations, if memory allows all three).
         """
         manifest = os.path.join(ckpt, MANIFEST)
         m = weights.read_json(manifest) if os.path.isfile(manifest) else None
@@ -700,7 +717,7 @@ class NextGPT(nn.Module):
         loaders = {"image": dec.load_image_decoder, "video": dec.load_video_decoder, "audio": dec.load_audio_decoder}
         lazy = {m: (lambda m=m: loaders[m](paths[m], dtype=dtype, device=home)) for m in decoders}
         model = cls(config, lm, tok, imagebind, lazy)
-        model.offload = offload
+        model.offload, model.keep_decoders = offload, keep_decoders
         model.input_proj.to(device=device, dtype=dtype or torch.float32)
         model.output_proj.to(device=device, dtype=dtype or torch.float32)
         if paths.get("delta"):

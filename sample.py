@@ -63,6 +63,8 @@ def parse(argv):
     p.add_argument("--official-inference", action="store_true",
                    help="the official inference: the prompt ends at 'Assistant:' and the projector reads "
                         "its hidden states one position early")
+    p.add_argument("--keep-decoders", action="store_true", help="keep each decoder in memory after its first use "
+                   "(faster for many replies; by default one decoder at a time holds memory)")
     p.add_argument("--tiny-random", action="store_true", help="random tiny weights: a smoke test of every path")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: NEXTGPT_DEBUG=1)")
     args = p.parse_args(argv)
@@ -114,13 +116,40 @@ def pick_device(name):
 
 def load(args):
     device = args.device
-    dtype = getattr(torch, args.dtype) if args.dtype else torch.float16 if device.startswith("cuda") else torch.float32
     if args.tiny_random:
         return nextgpt.tiny_random(args.seed or 0).to(device)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.ckpt, device)
     # on a GPU the backbones wait on the CPU and visit the GPU one at a time (README.md, 'Memory')
-    model = nextgpt.NextGPT.from_pretrained(args.ckpt, dtype=dtype, device=device, offload=device != "cpu")
+    model = nextgpt.NextGPT.from_pretrained(args.ckpt, dtype=dtype, device=device, offload=device != "cpu",
+                                            keep_decoders=args.keep_decoders)
     nextgpt.llm.merge_lora(model.llm)  # inference only: fold LoRA into the base weights, no extra matmuls
     return model
+
+
+def default_dtype(ckpt, device):
+    """float16 on a GPU; on the CPU float32 where it fits in the memory free now, else bfloat16 (said in one line).
+    The estimate: the checkpoint's weight files at 4 bytes a number (they hold 2 or 4), the decoders but the largest
+    left out (one at a time holds memory)."""
+    if device.startswith("cuda"):
+        return torch.float16
+    if device != "cpu" or not os.path.isfile("/proc/meminfo"):
+        return torch.float32
+    sizes = {}
+    for root, _, names in os.walk(ckpt, followlinks=True):
+        part = os.path.relpath(root, ckpt).split(os.sep)[0]
+        sizes[part] = sizes.get(part, 0) + sum(os.path.getsize(os.path.join(root, n)) for n in names
+                                               if n.endswith((".safetensors", ".bin", ".pt", ".pth")))
+    decoder_parts = [v for k, v in sizes.items() if k in ("stable-diffusion-v1-5", "zeroscope_v2_576w",
+                                                          "audioldm-l-full", "image", "video", "audio")]
+    need = 2 * (sum(sizes.values()) - sum(decoder_parts) + max(decoder_parts, default=0))
+    with open("/proc/meminfo") as f:
+        free = dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]
+    free = int(free) * 1024
+    if need < 0.8 * free:
+        return torch.float32
+    print(f"sample.py: in float32 the model needs about {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are free: "
+          "loading in bfloat16 (--dtype float32 insists)")
+    return torch.bfloat16
 
 
 def run(model, args, prompt, images=(), audios=(), videos=(), want=(), tag=""):

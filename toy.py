@@ -1056,7 +1056,7 @@ def evaluate(cfg, ckpt):
     output the model did not produce counts as wrong: no `want` forcing). Also the reply's caption for generation
     tasks, to tell LLM failures from projector / decoder ones. -> {task: accuracy}"""
     t0 = time.time()
-    model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu")
+    model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu", keep_decoders=True)
     generation = generation_config(cfg)
     measure = {"image": measure_image, "video": measure_video, "audio": measure_audio}
     score = {t: [0, 0, 0] for t in TASKS}  # right media / right reply / count
@@ -1127,7 +1127,7 @@ def pictures(cfg, ckpt, folder=None):
     (each (N_MELS, 100), low frequencies at the bottom) -> folder (default: assets/). As sample.py does, the
     asked-for output is forced."""
     folder = folder or os.path.dirname(ASSETS)
-    model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu")
+    model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu", keep_decoders=True)
     generation = generation_config(cfg)
 
     def made(modality, caption):  # the first output of the caption's generation prompt

@@ -456,7 +456,8 @@ def build_model(cfg):
     if cfg.tiny_random:
         model = nextgpt.tiny_random(seed=cfg.seed)
     else:
-        model = NextGPT.from_pretrained(cfg.ckpt, delta=cfg.delta or None, device=cfg.device)
+        # the decoders stay: every step needs their text encoders (caption targets) or UNets (latent denoising)
+        model = NextGPT.from_pretrained(cfg.ckpt, delta=cfg.delta or None, device=cfg.device, keep_decoders=True)
     if cfg.input_proj and cfg.input_proj != model.config.input_proj:
         model.config.input_proj = cfg.input_proj  # the paper's concept grouping instead of the released linear
         model.input_proj = NextGPT(model.config, model.llm, model.tokenizer).input_proj.to(model.device)

@@ -51,3 +51,16 @@ def test_the_distance_is_the_training_alignment_term(model):
     with torch.no_grad():
         align, n = train.compute_losses(model, [example], cfg, {})["align"]
     assert n == 1 and abs(float(align) - row["distance"]) < 1e-4, (float(align), row["distance"])
+
+
+def test_a_decoder_is_freed_after_its_work_unless_kept():
+    """from_pretrained's decoders load on first use and go after it (one at a time holds memory); keep_decoders keeps
+    them, and both give the same output."""
+    freed = nextgpt.NextGPT.from_pretrained(TOY)
+    kept = nextgpt.NextGPT.from_pretrained(TOY, keep_decoders=True)
+    a = freed.generate("Draw a red circle.", **FAST)
+    b = kept.generate("Draw a red circle.", **FAST)
+    assert not hasattr(freed.backbones["image"], "generate")  # the loader again
+    assert hasattr(kept.backbones["image"], "generate")
+    assert torch.equal(a["image"][0], b["image"][0])
+    assert freed.generate("Draw a red circle.", **FAST)["image"][0].equal(a["image"][0])  # loads again, same result
