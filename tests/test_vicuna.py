@@ -1,5 +1,5 @@
 """Vicuna v0 as people have it (FastChat v0.1.10's 32,001 rows, the 2023 config quirks, fp16 .bin shards) under the
-official-format NExT-GPT delta, through nextgpt.NextGPT; real mismatches refused naming the file; llm.apply_delta
+official-format NExT-GPT delta, through nextgpt.NextGPT; real mismatches refused naming the file; vicuna.apply_delta
 against FastChat v0.1.10's procedure restated with transformers. All at tiny size, offline."""
 
 import json
@@ -14,6 +14,7 @@ from test_nextgpt import official_delta_shapes
 import bpe
 import llm
 import nextgpt
+import vicuna
 import weights
 from encoder import ImageBind
 
@@ -128,7 +129,7 @@ def load(root, config, vicuna):
     (256, "safetensors", False),  # a base LLM (32,000 rows), clean config
     (257, "bin", True),  # FastChat v0.1.10's Vicuna v0 as most people have it: 32,001 rows, no added_tokens.json
     (257, "bin+added", True),  # the same with added_tokens.json {"[PAD]": 32000}
-    (257, "safetensors", True),  # as llm.apply_delta writes it
+    (257, "safetensors", True),  # as vicuna.apply_delta writes it
 ])
 def test_vicuna_v0_as_people_have_it_loads_under_the_official_delta(official, tiny_sp_model, tmp_path, rows, form,
                                                                      quirks):
@@ -246,7 +247,7 @@ def test_apply_delta_equals_fastchat_v0_1_10(tmp_path, tiny_sp_model, added, bas
     pytest.importorskip("google.protobuf")  # transformers reads tokenizer.model through it
     base = llama1_base(str(tmp_path / "llama-7b"), tiny_sp_model, form=base_form)
     delta = vicuna_delta(str(tmp_path / "vicuna-7b-delta-v0"), tiny_sp_model, added=added)
-    out = llm.apply_delta(base, delta, str(tmp_path / "vicuna-7b-v0"), log=lambda *a: None)
+    out = vicuna.apply_delta(base, delta, str(tmp_path / "vicuna-7b-v0"), log=lambda *a: None)
     files = sorted(os.listdir(out))
     assert files == sorted(["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                             "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.model",
@@ -295,7 +296,7 @@ def test_apply_delta_refuses_what_does_not_fit(tmp_path, tiny_sp_model, edit, na
     delta = str(tmp_path / "vicuna-7b-delta-v0")
     edit(delta, tiny_sp_model)
     with pytest.raises((ValueError, FileNotFoundError), match=named):
-        llm.apply_delta(base, delta, str(tmp_path / "out"), log=lambda *a: None)
+        vicuna.apply_delta(base, delta, str(tmp_path / "out"), log=lambda *a: None)
     assert not os.path.exists(tmp_path / "out")
 
 
