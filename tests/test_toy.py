@@ -245,4 +245,6 @@ def test_lane_workers_die_with_toy_py(tmp_path):
     p.wait(timeout=30)
     time.sleep(3)
     alive = [w for w in workers if os.path.exists(f"/proc/{w}") and "zombie" not in open(f"/proc/{w}/status").read()]
+    for w in alive:  # leave no trainer behind when the test fails
+        os.kill(w, signal.SIGKILL)
     assert not alive, f"lane processes {alive} outlived toy.py"
