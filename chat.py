@@ -98,10 +98,12 @@ class Chat:
         self.say(f"({modality} {os.path.basename(path)} attached to the next message)")
 
     def ask(self, text):
+        attached = len(self.attached)
         for modality, path in re.findall(r"<(image|video|audio):([^>]+)>", text):  # inline attachments
             before = len(self.attached)
             self.attach(modality, path.strip())
-            if len(self.attached) == before:
+            if len(self.attached) == before:  # named by attach; the message's other inline files go too
+                del self.attached[attached:]
                 return
         text = re.sub(r"<(image|video|audio):[^>]+>", r"<\1>", text)
         for m in nextgpt.MODALITIES:  # an attachment without a marker goes before the text

@@ -373,7 +373,7 @@ class UNetConfig(_Config):
     video: bool = False  # UNet3DConditionModel
     # not in diffusers' UNet3DConditionModel (0 for Zeroscope): > 0 gives the temporal attentions sinusoidal frame
     # positions, up to this many frames. Without them only the temporal convs' zero padding tells the first frame from
-    # the last, which a small video UNet does not learn (README, "text -> video")
+    # the last, which a small video UNet does not learn (docs/toy-notes.md)
     temporal_positions: int = 0
 
     @classmethod

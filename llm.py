@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import vicuna
 import weights
 
 
@@ -449,5 +448,7 @@ def merge_lora(model):
     return model
 
 
-if __name__ == "__main__":  # python llm.py apply-delta ...: the conversion lives in vicuna.py
+if __name__ == "__main__":  # python llm.py apply-delta ...: a conversion of files, written in vicuna.py (imported
+    import vicuna  # here only: the model itself never needs it)
+
     vicuna.main()

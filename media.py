@@ -77,8 +77,9 @@ def read_video(path):
                 raise MediaError(f"no video stream in {path}")
             stream = container.streams.video[0]
             rate, count = stream.average_rate or stream.guessed_rate, stream.frames
-        if count <= 0:  # some containers (webm) do not store the frame count: count by decoding
-            count = len(decode(range(10 ** 9)))
+        if count <= 0:  # some containers (webm) do not store the frame count: count by decoding (no arrays kept)
+            with av.open(path) as container:
+                count = sum(1 for _ in container.decode(video=0))
     except av.FFmpegError as e:
         raise MediaError(f"cannot read video {path}: {e}") from e
     if not rate or count == 0:
@@ -88,7 +89,10 @@ def read_video(path):
                          "(ImageBind looks at five 2 s clips); cut it first")
 
     def get(idx):
-        frames = decode(set(idx))
+        try:
+            frames = decode(set(idx))
+        except av.FFmpegError as e:  # a damaged frame after a good header
+            raise MediaError(f"cannot decode video {path}: {e}") from e
         if not frames:
             raise MediaError(f"video has no decodable frames: {path}")
         last = frames[max(frames)]  # the stored frame count may overstate: fall back on the last decoded frame

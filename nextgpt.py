@@ -326,7 +326,7 @@ class NextGPT(nn.Module):
         # 10 GB by accident. decoders: {"image": decoders.Decoder, or a function that loads one on first use}.
         self.backbones = {"encoder": encoder, **(decoders or {})}
         self.loaders = {m: d for m, d in (decoders or {}).items() if not hasattr(d, "generate")}  # to load again
-        self.keep_decoders = True  # False (from_pretrained's default): a decoder loaded from files goes after its work
+        self.keep_decoders = True  # the decoders given stay; from_pretrained frees its loaded ones unless asked
         self.offload = False  # True: backbones wait on the CPU and visit the GPU only while they work
         self.generation = GenerationConfig()  # from_pretrained: with what the checkpoint's nextgpt.json names
         self.showcase = []  # from_pretrained: the checkpoint's example turns (`python sample.py` runs them)
@@ -608,21 +608,25 @@ class NextGPT(nn.Module):
         caption, the training's caption-alignment distance to the decoder's embedding of it (and their cosine, for the
         image and audio decoders, whose embeddings are compared as one vector). -> [dict per output]
         """
-        rows = []
-        for run in out["runs"]:
-            m, cond = run["modality"], run["cond"]  # (Q, W)
+        rows = [None] * len(out["runs"])
+        for m in MODALITIES:  # one decoder at a time, loaded once for all its runs
+            runs = [(k, run) for k, run in enumerate(out["runs"]) if run["modality"] == m]
+            if not runs:
+                continue
             d = self.decoder(m)
             refs = d.embed_text(list(references or self.captions.get(m) or REFERENCE_CAPTIONS)).float().cpu()
             norms = refs.reshape(len(refs), -1).norm(dim=1)
-            row = {"modality": m, "position": run["position"], "forced": run["forced"], "caption": run["caption"],
-                   "norm": float(cond.norm()), "caption_norms": (float(norms.min()), float(norms.mean()),
-                                                                  float(norms.max()))}
-            if run["caption"]:
-                target = d.embed_text([run["caption"]]).float().cpu().reshape(cond.shape)
-                row["distance"] = float(caption_distance(cond, target))
-                if m in ("image", "audio"):
-                    row["cosine"] = float(F.cosine_similarity(cond.flatten(), target.flatten(), dim=0))
-            rows.append(row)
+            for k, run in runs:
+                cond = run["cond"]  # (Q, W)
+                row = {"modality": m, "position": run["position"], "forced": run["forced"], "caption": run["caption"],
+                       "norm": float(cond.norm()), "caption_norms": (float(norms.min()), float(norms.mean()),
+                                                                      float(norms.max()))}
+                if run["caption"]:
+                    target = d.embed_text([run["caption"]]).float().cpu().reshape(cond.shape)
+                    row["distance"] = float(caption_distance(cond, target))
+                    if m in ("image", "audio"):
+                        row["cosine"] = float(F.cosine_similarity(cond.flatten(), target.flatten(), dim=0))
+                rows[k] = row
             del d
             self.release(m)
         return rows
@@ -652,7 +656,7 @@ class NextGPT(nn.Module):
             else:
                 ours[new] = t
         if unplaced:
-            raise weights.CheckpointError("load_delta:\n" + weights._listing("no place in NextGPT", unplaced))
+            raise weights.CheckpointError("load_delta:\n" + weights.listing("no place in NextGPT", unplaced))
         if has_lora:
             llm.load_lora(self.llm, {k[len("llm."):]: v for k, v in lora.items()})
         expected = [n for n in self.trainable_state_dict() if ".lora_" not in n]  # LoRA: checked by load_lora
@@ -689,12 +693,17 @@ class NextGPT(nn.Module):
                 config = NextGPTConfig.from_dict(m["config"])
                 files = {k: (str(v), f"named in {manifest}") for k, v in m["files"].items()}
                 generation = GenerationConfig().override(**m.get("generation", {}))
+                captions = {k: list(v) for k, v in m.get("captions", {}).items()}
+                showcase = [{**turn, **{k: [os.path.join(ckpt, p) for p in turn[k]]
+                                        for k in ("images", "videos", "audios") if k in turn}}
+                            for turn in m.get("showcase", [])]
             except (KeyError, TypeError, AttributeError, ValueError) as e:
                 raise weights.CheckpointError(
                     f"{manifest} is not a NExT-GPT manifest ({type(e).__name__}: {e}); it holds \"config\" (the "
                     "fields of NextGPTConfig) and \"files\"; NextGPT.save_manifest writes one") from None
         else:
-            config, files, m, generation = NextGPTConfig.preset("7b_tiva_v0"), OFFICIAL_FILES, {}, GenerationConfig()
+            config, files, generation = NextGPTConfig.preset("7b_tiva_v0"), OFFICIAL_FILES, GenerationConfig()
+            captions, showcase = {}, []
         paths = {name: os.path.join(ckpt, rel) for name, (rel, _) in files.items()}
         if delta is not None:
             paths["delta"] = delta
@@ -724,10 +733,7 @@ class NextGPT(nn.Module):
             model.load_delta(paths["delta"])
         model.source = {k: os.path.abspath(p) for k, p in paths.items() if p}  # where each piece came from
         model.generation = generation
-        model.captions = dict(m.get("captions", {}))
-        model.showcase = [{**turn, **{k: [os.path.join(ckpt, p) for p in turn[k]]
-                                      for k in ("images", "videos", "audios") if k in turn}}
-                          for turn in m.get("showcase", [])]
+        model.captions, model.showcase = captions, showcase
         return model.eval()
 
     def save_manifest(self, folder, files):

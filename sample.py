@@ -207,7 +207,5 @@ def generate(args):
     run(model, args, args.prompt, args.image, args.audio, args.video, args.want)
 
 
-
-
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -529,7 +529,7 @@ def train_imagebind(cfg, files, log):
             x = X[m][idx].float()
             x = x[:, None] if m == "video" else x  # (B, 1 clip, 3, 2, 224, 224)
             emb = ib.embed("audio" if m == "audio" else "vision", x)  # (B, IB_DIM), unit norm
-            text = F.normalize(ib._pooled("text", ids[m]), dim=-1)  # (n_captions, IB_DIM)
+            text = ib.embed("text", ids[m])  # (n_captions, IB_DIM), unit norm
             loss = loss + F.cross_entropy(emb @ text.T / 0.07, labels[m][idx])
         return loss / 3
 

@@ -641,6 +641,8 @@ def _resume(model, opt, cfg, log):
             nextgpt.weights.check(model, saved, what=folder, partial=True)
             state = torch.load(os.path.join(folder, "train_state.pt"), weights_only=True)
             break
+        except nextgpt.weights.CheckpointError:
+            raise  # a whole checkpoint of another model: not damage, and the older ones would not fit either
         except Exception as e:  # truncated or corrupt files: safetensors, pickle and zip errors alike
             log(f"--resume: {folder} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying the one "
                 "before")

@@ -77,9 +77,9 @@ def apply_delta(base: str, delta: str, out: str, log=print) -> str:
     if set(base_at) != delta_names:
         parts = [f"the base {base} and the delta {delta} hold different tensors:"]
         if set(base_at) - delta_names:
-            parts.append(weights._listing("in the base, not in the delta", set(base_at) - delta_names))
+            parts.append(weights.listing("in the base, not in the delta", set(base_at) - delta_names))
         if delta_names - set(base_at):
-            parts.append(weights._listing("in the delta, not in the base", delta_names - set(base_at)))
+            parts.append(weights.listing("in the delta, not in the base", delta_names - set(base_at)))
         raise weights.CheckpointError("\n".join(parts))
 
     partial = out.rstrip("/") + ".partial"

@@ -22,7 +22,7 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: the message says which tensors and what to do."""
 
 
-def _listing(title, names, limit=20):
+def listing(title, names, limit=20):
     names = sorted(names)
     more = f"\n    ... and {len(names) - limit} more" if len(names) > limit else ""
     return f"  {title} ({len(names)}):\n" + "\n".join("    " + n for n in names[:limit]) + more
@@ -135,11 +135,11 @@ def check(module, state_dict, what="checkpoint", partial=False, required=()):
     if missing or unexpected or misshaped:
         parts = [f"{what} does not fit {type(module).__name__}:"]
         if missing:
-            parts.append(_listing("missing from the file", missing))
+            parts.append(listing("missing from the file", missing))
         if unexpected:
-            parts.append(_listing("in the file but not in the model", unexpected))
+            parts.append(listing("in the file but not in the model", unexpected))
         if misshaped:
-            parts.append(_listing("wrong shape", misshaped))
+            parts.append(listing("wrong shape", misshaped))
         parts.append("  Is this the right checkpoint for this config? (See README.md, 'Weights'.)")
         raise CheckpointError("\n".join(parts))
 

@@ -117,9 +117,9 @@ def official(tmp_path_factory, tiny_sp_model):
     return root, config, base, delta, ref
 
 
-def load(root, config, vicuna):
+def load(root, config, vicuna_dir):
     """NextGPT.from_pretrained on the official layout (nextgpt.json only names the tiny config and the files)."""
-    files = {"imagebind": "imagebind_huge.pth", "vicuna": os.path.relpath(vicuna, root),
+    files = {"imagebind": "imagebind_huge.pth", "vicuna": os.path.relpath(vicuna_dir, root),
              "delta": "nextgpt_7b_tiva_v0/pytorch_model.pt"}
     write_json(os.path.join(root, "nextgpt.json"), {"config": config.to_dict(), "files": files})
     return nextgpt.NextGPT.from_pretrained(str(root), decoders=())
@@ -138,9 +138,9 @@ def test_vicuna_v0_as_people_have_it_loads_under_the_official_delta(official, ti
     if rows > TINY.vocab_size:  # the [PAD] row: the delta's <Img> row replaces it
         for k in ("model.embed_tokens.weight", "lm_head.weight"):
             sd[k] = torch.cat([sd[k], torch.full((1, TINY.dim), 7.0, dtype=torch.float16)])
-    vicuna = vicuna_folder(str(root / f"vicuna-{rows}-{form}-{quirks}"), sd, tiny_sp_model, form,
-                           hf_config(TINY, rows, quirks))
-    model = load(root, config, vicuna)
+    vicuna_dir = vicuna_folder(str(root / f"vicuna-{rows}-{form}-{quirks}"), sd, tiny_sp_model, form,
+                               hf_config(TINY, rows, quirks))
+    model = load(root, config, vicuna_dir)
     # the tokenizer's ids win over config.json's bos 0 / eos 1; added_tokens.json is not read: <Img> is 256
     assert (model.tokenizer.bos_id, model.tokenizer.eos_id, len(model.tokenizer)) == (1, 2, 294)
     assert model.token_id("<Img>") == 256 and model.llm.lm_head.weight.shape == (294, 64)
@@ -157,10 +157,10 @@ def test_vicuna_v0_as_people_have_it_loads_under_the_official_delta(official, ti
 def test_a_base_of_another_size_is_refused_naming_its_config_json(official, tiny_sp_model, tmp_path):
     root, config, *_ = official
     big = llm.LLaMAConfig(dim=96, n_layers=3, n_heads=4, n_kv_heads=4, vocab_size=256, hidden_dim=256)  # "13B"
-    vicuna = vicuna_folder(str(root / "vicuna-13b"), random_llama(big, 257), tiny_sp_model, "bin",
-                           hf_config(big, 257))
+    vicuna_dir = vicuna_folder(str(root / "vicuna-13b"), random_llama(big, 257), tiny_sp_model, "bin",
+                               hf_config(big, 257))
     with pytest.raises(ValueError, match=r"config\.json"):
-        load(root, config, vicuna)
+        load(root, config, vicuna_dir)
     # LLaMA.from_pretrained(expect=...) refuses before any weights are read (none needed to say so)
     os.makedirs(tmp_path / "only-config")
     write_json(str(tmp_path / "only-config" / "config.json"), hf_config(big, 257))
@@ -173,9 +173,9 @@ def test_a_tokenizer_that_does_not_fit_is_refused_naming_tokenizer_model(officia
     root, config, base, *_ = official
     other = bpe.train_sentencepiece(nextgpt.TINY_CORPUS, 120, str(tmp_path / "other"))  # another piece count
     assert bpe.LLaMATokenizer(other).sp.get_piece_size() != 256
-    vicuna = vicuna_folder(str(root / "vicuna-other-tokenizer"), base, other, "bin", hf_config(TINY, 256))
+    vicuna_dir = vicuna_folder(str(root / "vicuna-other-tokenizer"), base, other, "bin", hf_config(TINY, 256))
     with pytest.raises(ValueError, match=r"tokenizer\.model"):
-        load(root, config, vicuna)
+        load(root, config, vicuna_dir)
 
 
 def test_config_quirks_are_read_and_the_ids_ignored():
@@ -307,7 +307,7 @@ def test_apply_delta_command_line(tmp_path, tiny_sp_model, capsys):
     assert r.returncode == 0 and all(o in r.stdout for o in ("--base", "--delta", "--out", "FastChat")), r.stderr
     assert not os.listdir(tmp_path), "--help wrote files"
     with pytest.raises(SystemExit) as e:
-        llm.main(["--help"])
+        vicuna.main(["--help"])
     assert e.value.code == 0 and "apply-delta" in capsys.readouterr().out
     base = llama1_base(str(tmp_path / "llama"), tiny_sp_model)
     delta = vicuna_delta(str(tmp_path / "delta"), tiny_sp_model, rows=256)  # a v1.1-style delta: refused
@@ -317,10 +317,10 @@ def test_apply_delta_command_line(tmp_path, tiny_sp_model, capsys):
                              (["--base", base, "--delta", delta], 2, "required: --out"),
                              (["--base", base, "--delta", delta, "--out", out], 1, "has vocab_size 256")):
         with pytest.raises(SystemExit) as e:
-            llm.main(["apply-delta", *args])
+            vicuna.main(["apply-delta", *args])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == code and said in err[-1] and len(err) <= 2, err  # (the usage line and) the reason
     assert not os.path.exists(out)
     vicuna_delta(delta, tiny_sp_model)  # the 257-row delta: it works
-    llm.main(["apply-delta", "--base", base, "--delta", delta, "--out", out])
+    vicuna.main(["apply-delta", "--base", base, "--delta", delta, "--out", out])
     assert llm.LLaMA.from_pretrained(out).config.vocab_size == 257
