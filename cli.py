@@ -10,6 +10,8 @@ import inspect
 import json
 import re
 
+import torch
+
 
 def parser(prog, doc):
     """An ArgumentParser with the project's conventions: the module docstring as description, a short usage line, and
@@ -92,3 +94,21 @@ def read_json_object(path, what):
     if not isinstance(values, dict):
         raise ValueError(f"{what} {path} must hold a JSON object of the config's fields, not {type(values).__name__}")
     return values
+
+
+def device(name):
+    """A device this machine has, for --device: the name given (checked), or with None the first of cuda, mps, cpu.
+    Anything else is a ValueError that names it and says what there is."""
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device name; use cuda, cuda:N, mps or cpu") from None
+    if kind not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"--device {name}: only cuda, mps and cpu are supported")
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not mps):
+        raise ValueError(f"--device {name}: this machine has no {kind.upper()} device that torch can use; use "
+                         "--device cpu, or leave --device out to take the first there is")
+    return name

@@ -91,27 +91,10 @@ def parse(argv):
     if not os.access(parent, os.W_OK):
         p.error(f"--out {args.out}: {parent} is not writable; give a folder you can write to")
     try:
-        args.device = pick_device(args.device)
+        args.device = cli.device(args.device)
     except ValueError as e:
         p.error(str(e))
     return args
-
-
-def pick_device(name):
-    """A device this machine has: the name given, or the first of cuda, mps, cpu."""
-    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    try:
-        kind = torch.device(name).type
-    except RuntimeError:
-        raise ValueError(f"--device {name} is not a device name; use cuda, cuda:N, mps or cpu") from None
-    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not mps):
-        raise ValueError(f"--device {name}: this machine has no {kind.upper()} device that torch can use; use "
-                         f"--device cpu, or leave --device out to take the first there is")
-    if kind not in ("cuda", "mps", "cpu"):
-        raise ValueError(f"--device {name}: only cuda, mps and cpu are supported")
-    return name
 
 
 def load(args):

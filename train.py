@@ -439,16 +439,10 @@ def select_trainable(model, cfg):
 
 
 def resolve_device(name):
-    """"auto": this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
+    """"auto": this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU; a name, checked."""
     if name == "auto":
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(name).type
-    except RuntimeError:
-        raise ValueError(f"--device {name} is not a device name; use auto, cuda, cuda:N or cpu") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device that torch can use; use --device cpu")
-    return name
+    return cli.device(name)
 
 
 def build_model(cfg):
