@@ -38,9 +38,7 @@ holds by then included; and torch.cuda.max_memory_allocated on a GPU), and a not
 shapes and each decoder's loading time, the losses); then the same rows as a Markdown table for README.md.
 """
 
-import dataclasses
 import gc
-import inspect
 import json
 import math
 import os
@@ -495,13 +493,6 @@ def write_delta(path, config, seed=0, log=print):
     os.replace(path + ".partial", path)
 
 
-def _fields(obj, cls, **extra):
-    """The fields of a config dataclass that cls.__init__ takes (ours carry the diffusers / transformers names)."""
-    accepted = inspect.signature(cls.__init__).parameters
-    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name in accepted}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in {**values, **extra}.items()}
-
-
 def write_decoder(folder, kind, parts, seed=0, log=print):
     """
     A diffusers pipeline folder (Stable Diffusion 1.5, Zeroscope v2 576w or AudioLDM l-full) built with the reference
@@ -510,35 +501,14 @@ def write_decoder(folder, kind, parts, seed=0, log=print):
     tokenizer files have the real format (vocab.json, merges.txt) with a byte-level vocabulary, not the real one
     (data we cannot make up); the text encoders keep the official vocabulary size.
     """
-    import diffusers
-    import transformers
+    import reference  # the reference libraries, for tests and benchmarks only (tests/reference.py)
 
     if _done(folder, log):
         return
-    diffusers.utils.logging.set_verbosity_error()  # their notes on random init and fp16 casts, progress bars
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     torch.manual_seed(seed)
-    unet_cls = diffusers.UNet3DConditionModel if kind == "video" else diffusers.UNet2DConditionModel
-    vae = parts["vae"]
-    text_cls, text_cfg_cls = (transformers.ClapTextModelWithProjection, transformers.ClapTextConfig) if \
-        kind == "audio" else (transformers.CLIPTextModel, transformers.CLIPTextConfig)
-    builders = {
-        "unet": lambda: unet_cls(**_fields(parts["unet"], unet_cls)),
-        "vae": lambda: diffusers.AutoencoderKL(**_fields(vae, diffusers.AutoencoderKL, **{
-            "down_block_types": ["DownEncoderBlock2D"] * len(vae.block_out_channels),
-            "up_block_types": ["UpDecoderBlock2D"] * len(vae.block_out_channels)})),
-        "text_encoder": lambda: text_cls(text_cfg_cls(**_fields(parts["text"], text_cfg_cls))),
-    }
-    if kind == "audio":
-        builders["vocoder"] = lambda: transformers.SpeechT5HifiGan(transformers.SpeechT5HifiGanConfig(
-            **_fields(parts["vocoder"], transformers.SpeechT5HifiGanConfig)))
-    for name, build in builders.items():
-        model = build().to(torch.float16)
-        model.save_pretrained(os.path.join(partial, name))
-        del model
+    classes = reference.save_decoder_parts(partial, kind, parts)  # unet/, vae/, text_encoder/ (+ vocoder/)
     tok = os.path.join(partial, "tokenizer")
     os.makedirs(tok)
     vocab = bpe.byte_vocab("roberta" if kind == "audio" else "clip")
@@ -556,11 +526,7 @@ def write_decoder(folder, kind, parts, seed=0, log=print):
     _write_json(os.path.join(partial, "scheduler", "scheduler_config.json"), SCHEDULERS[kind])
     pipeline = {"image": "StableDiffusionPipeline", "video": "TextToVideoSDPipeline", "audio": "AudioLDMPipeline"}[kind]
     index = {"_class_name": pipeline, "scheduler": ["diffusers", SCHEDULERS[kind]["_class_name"]],
-             "text_encoder": ["transformers", text_cls.__name__],
-             "tokenizer": ["transformers", "RobertaTokenizer" if kind == "audio" else "CLIPTokenizer"],
-             "unet": ["diffusers", unet_cls.__name__], "vae": ["diffusers", "AutoencoderKL"]}
-    if kind == "audio":
-        index["vocoder"] = ["transformers", "SpeechT5HifiGan"]
+             "tokenizer": ["transformers", "RobertaTokenizer" if kind == "audio" else "CLIPTokenizer"], **classes}
     _write_json(os.path.join(partial, "model_index.json"), index)
     os.replace(partial, folder)
 

@@ -4,6 +4,9 @@ from requirements-dev.txt), which the project never imports at run time. bench.p
 collect it (no test_ prefix).
 """
 
+import dataclasses
+import inspect
+import os
 import sys
 from functools import partial
 
@@ -65,3 +68,40 @@ def measure_load(folder, who, warmup_folder):
 
 if __name__ == "__main__":  # python tests/reference.py FOLDER ours|transformers WARMUP_FOLDER
     measure_load(*sys.argv[1:4])
+
+
+def _fields(obj, cls, **extra):
+    """The fields of a config dataclass that cls.__init__ takes (ours carry the diffusers / transformers names)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name in accepted}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in {**values, **extra}.items()}
+
+
+def save_decoder_parts(folder, kind, parts):
+    """bench.py --full-scale's diffusers folder parts, built with diffusers / transformers from our configs (random
+    init) and saved in fp16 by their own save_pretrained, one in memory at a time -> model_index.json's entries."""
+    diffusers.utils.logging.set_verbosity_error()  # their notes on random init and fp16 casts, progress bars
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    unet_cls = diffusers.UNet3DConditionModel if kind == "video" else diffusers.UNet2DConditionModel
+    vae = parts["vae"]
+    text_cls, text_cfg_cls = (transformers.ClapTextModelWithProjection, transformers.ClapTextConfig) if \
+        kind == "audio" else (transformers.CLIPTextModel, transformers.CLIPTextConfig)
+    builders = {
+        "unet": lambda: unet_cls(**_fields(parts["unet"], unet_cls)),
+        "vae": lambda: diffusers.AutoencoderKL(**_fields(vae, diffusers.AutoencoderKL, **{
+            "down_block_types": ["DownEncoderBlock2D"] * len(vae.block_out_channels),
+            "up_block_types": ["UpDecoderBlock2D"] * len(vae.block_out_channels)})),
+        "text_encoder": lambda: text_cls(text_cfg_cls(**_fields(parts["text"], text_cfg_cls))),
+    }
+    index = {"unet": ["diffusers", unet_cls.__name__], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", text_cls.__name__]}
+    if kind == "audio":
+        builders["vocoder"] = lambda: transformers.SpeechT5HifiGan(transformers.SpeechT5HifiGanConfig(
+            **_fields(parts["vocoder"], transformers.SpeechT5HifiGanConfig)))
+        index["vocoder"] = ["transformers", "SpeechT5HifiGan"]
+    for name, build in builders.items():
+        model = build().to(torch.float16)
+        model.save_pretrained(os.path.join(folder, name))
+        del model
+    return index
