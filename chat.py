@@ -128,7 +128,7 @@ class Chat:
             out = self.model.generate(text, inputs=inputs, history=self.history, want=self.want, config=g,
                                       stream=stream, official_inference=self.args.official_inference or None,
                                       caption_bypass=self.args.caption_bypass)
-        except ValueError as e:
+        except (ValueError, MemoryError) as e:
             return self.say(f"\n({e}; the message is not sent)")
         if not shown:  # a reply of signal tokens only
             self.say(f"nextgpt> ({', '.join(m for m in nextgpt.MODALITIES if out[m]) or 'no reply'})")

@@ -163,7 +163,7 @@ def main(argv):
     args = parse(argv)
     try:
         generate(args)
-    except (OSError, ValueError) as e:  # a missing or damaged file, unreadable media: say which, write nothing
+    except (OSError, ValueError, MemoryError) as e:  # a missing or damaged file, unreadable media, too big a request
         if args.debug or os.environ.get("NEXTGPT_DEBUG"):
             raise
         sys.exit(f"sample.py: {e}")
