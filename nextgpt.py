@@ -537,10 +537,10 @@ class NextGPT(nn.Module):
         history: earlier turns, (user text, reply) or (user text, reply, media): inputs stay the tokens they were
         projected to, marked in the user text by <image> / <video> / <audio>. want: modalities to force when the reply
         has none. stream(text): called with the reply's text so far as it grows, then with None once it is whole
-        (before the decoders start). out["runs"]: each signal-token run,
-        where it starts, whether `want` forced it, the reply's caption before it and the projector's output (what
-        NextGPT.diagnose reads). caption_bypass: each decoder also draws from its own text encoder's embedding of that
-        caption instead of the projector's output, into out["bypass"] (tells a projector failure from a decoder one).
+        (before the decoders start). out["runs"]: each signal-token run, where it starts, whether `want` forced it,
+        the reply's caption before it and the projector's output (what NextGPT.diagnose reads). caption_bypass: each
+        decoder also draws from its own text encoder's embedding of that caption instead of the projector's output,
+        into out["bypass"] (tells a projector failure from a decoder one).
         How it samples: config (default: this model's `generation`, the checkpoint's settings over the official
         ones), then **settings, any GenerationConfig field (steps=20, guidance={"video": 1.5}, height=32, ...).
 
