@@ -39,7 +39,8 @@ class Chat:
 
     def __init__(self, model, args, say=print):
         self.model, self.args, self.say = model, args, say
-        self.settings = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
+        settings = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
+        self.generation = model.generation.override(**settings)  # the checkpoint's, then the options given
         self.history, self.attached, self.want, self.transcript = [], [], [], []
 
     def loop(self, lines):
@@ -123,9 +124,8 @@ class Chat:
                 print(reply[len(shown[0]):] if reply.startswith(shown[0]) else "", end="", flush=True)
                 shown[0] = reply
 
-        g = self.model.generation.override(**self.settings)
         try:
-            out = self.model.generate(text, inputs=inputs, history=self.history, want=self.want, config=g,
+            out = self.model.generate(text, inputs=inputs, history=self.history, want=self.want, config=self.generation,
                                       stream=stream, official_inference=self.args.official_inference or None,
                                       caption_bypass=self.args.caption_bypass)
         except (ValueError, MemoryError) as e:
@@ -145,7 +145,7 @@ class Chat:
 
     def fit(self, text, inputs):
         """Drop the oldest turns while the prompt leaves less room for the reply than it needs."""
-        c, g = self.model.config, self.model.generation.override(**self.settings)
+        c, g = self.model.config, self.generation
         room = sum(c.signal_tokens.values()) + 1 + min(g.max_new_tokens, c.llm.max_seq_len // 4)
         while self.history:
             turns = [(u, r) for u, r, _ in self.history] + [(text, None)]
@@ -159,7 +159,7 @@ class Chat:
     def save(self, path):
         if not path:
             return self.say("/save takes a file name")
-        g = self.model.generation.override(**self.settings)
+        g = self.generation
         record = {"ckpt": self.args.ckpt, "settings": dataclasses.asdict(g), "seed": g.seed, "turns": self.transcript}
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -19,6 +19,7 @@ import torch
 
 import chat
 import cli
+import decoders
 import media
 import nextgpt
 
@@ -115,7 +116,8 @@ def default_dtype(ckpt, device):
     left out (one at a time holds memory)."""
     if device.startswith("cuda"):
         return torch.float16
-    if device != "cpu" or not os.path.isfile("/proc/meminfo"):
+    free = decoders.free_memory(device) if device == "cpu" else None
+    if free is None:
         return torch.float32
     sizes = {}
     for root, _, names in os.walk(ckpt, followlinks=True):
@@ -125,9 +127,6 @@ def default_dtype(ckpt, device):
     decoder_parts = [v for k, v in sizes.items() if k in ("stable-diffusion-v1-5", "zeroscope_v2_576w",
                                                           "audioldm-l-full", "image", "video", "audio")]
     need = 2 * (sum(sizes.values()) - sum(decoder_parts) + max(decoder_parts, default=0))
-    with open("/proc/meminfo") as f:
-        free = dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]
-    free = int(free) * 1024
     if need < 0.8 * free:
         return torch.float32
     print(f"sample.py: in float32 the model needs about {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are free: "
