@@ -43,6 +43,7 @@ import cli
 import decoders
 import media
 import nextgpt
+import weights
 from nextgpt import MODALITIES, NextGPT
 
 
@@ -451,10 +452,16 @@ def build_model(cfg):
         model = nextgpt.tiny_random(seed=cfg.seed)
     else:
         # the decoders stay: every step needs their text encoders (caption targets) or UNets (latent denoising)
-        model = NextGPT.from_pretrained(cfg.ckpt, delta=cfg.delta or None, device=cfg.device, keep_decoders=True)
-    if cfg.input_proj and cfg.input_proj != model.config.input_proj:
-        model.config.input_proj = cfg.input_proj  # the paper's concept grouping instead of the released linear
+        model = NextGPT.from_pretrained(cfg.ckpt, device=cfg.device, keep_decoders=True)
+    delta = weights.load_file(cfg.delta) if cfg.delta else {}
+    # the projection: --input_proj, else the delta's (a stage-1 delta of the grouping over backbones whose manifest
+    # says linear), else the checkpoint's
+    kind = cfg.input_proj or ("group" if any(k.endswith("in_fc.weight") for k in delta) else "linear" if delta else "")
+    if kind and kind != model.config.input_proj:
+        model.config.input_proj = kind  # the paper's concept grouping instead of the released linear
         model.input_proj = NextGPT(model.config, model.llm, model.tokenizer).input_proj.to(model.device)
+    if delta:
+        model.load_delta(delta)
     return model
 
 

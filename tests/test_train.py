@@ -100,6 +100,19 @@ def test_stage1_trains_only_the_input_projection(data, tmp_path):
     assert torch.equal(fresh.input_proj.weight, model.input_proj.weight)
 
 
+def test_a_grouping_delta_carries_into_the_next_stage(data, tmp_path):
+    """Stage 1 with --input_proj=group over a checkpoint whose config says linear, then stage 2 from its delta
+    without --input_proj: the next stage builds the grouping and loads it (it once refused the delta)."""
+    files = [data / "cc3m.json"]
+    run(["--stage=1", "--max_steps=2", "--input_proj=group", f"--out_dir={tmp_path / 's1'}"], files,
+        model=train.build_model(train.parse_args(["--tiny_random=true", "--input_proj=group"])[0]))
+    delta = str(tmp_path / "s1" / open(tmp_path / "s1" / "latest").read() / "nextgpt.safetensors")
+    cfg, _ = train.parse_args(["--stage=2", "--tiny_random=true", f"--delta={delta}"])
+    model = train.build_model(cfg)
+    assert model.config.input_proj == "group"
+    assert torch.equal(model.input_proj.in_fc.weight, load_file(delta)["input_proj.in_fc.weight"])
+
+
 def test_stage2_align_and_denoise(data, tmp_path):
     files = [data / "cc3m.json", data / "webvid.json", data / "audiocap.json"]
     args = ["--stage=2", "--denoise_weight=1.0"]
