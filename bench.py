@@ -3,6 +3,7 @@ Speed and memory, ours against the reference libraries on the same work, side by
 
     python bench.py                 # every entry
     python bench.py --only llama    # entries whose name contains "llama"
+    python bench.py --only int8     # LLaMA decode in float32, bfloat16 and int8 against the memory-bandwidth roofline
 
 Same weights, same threads; ours and the reference alternate, each timing is the median of its repeats, and the ratio
 printed is reference time / our time (above 1.0: we are faster). Memory is measured in a fresh subprocess.
@@ -146,6 +147,51 @@ def bench_llama_load_memory():
                  ours=grown["ours"] / size, ref=grown["transformers"] / size,
                  ratio=grown["transformers"] / grown["ours"],
                  unit="x file", extra=f"{grown['ours'] / 2**20:.0f} MiB vs {grown['transformers'] / 2**20:.0f} MiB")]
+
+
+@torch.no_grad()
+def bench_llama_int8(repeats=5, dim=768, layers=8, hidden=2048, vocab=32000, tokens=128):
+    """
+    Decode (16-token prompt, then `tokens` new ones) of bench_llama's ~100M LLaMA, ours only (no reference library has
+    an int8 LLaMA), in float32, bfloat16 and int8 (llm.quantize_int8 of the bfloat16 model), each against the
+    memory-bandwidth roofline measured here (issue 20): one matrix-vector product over a weight of the size decode
+    reads a token (every Linear; the embedding reads one row), in float32 and in bfloat16; int8's is its bytes at the
+    float32 product's GB/s. The reference column is the roofline's time, the ratio the fraction of it reached.
+    """
+    cfg = llm.LLaMAConfig(dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=dim // 64, vocab_size=vocab,
+                          hidden_dim=hidden, max_seq_len=1024)
+    n = layers * (4 * dim * dim + 3 * dim * hidden) + vocab * dim  # the Linears' weights: what a token reads
+
+    def median_time(runs, fn, *args, **kw):
+        fn(*args, **kw)  # warm-up
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn(*args, **kw)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    roofline = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        w, x = torch.randn(n // dim, dim, dtype=dtype), torch.randn(1, dim, dtype=dtype)  # (n / D, D) @ (D,)
+        roofline[dtype] = median_time(10, torch.nn.functional.linear, x, w)
+    gbs = n * 4 / roofline[torch.float32] / 1e9
+    rows, rate = [], {}
+    prompt = torch.randint(3, vocab, (1, 16))
+    for kind in ("float32", "bfloat16", "int8"):
+        torch.manual_seed(0)  # the same weights each time
+        model = llm.LLaMA(cfg).eval().to(torch.float32 if kind == "float32" else torch.bfloat16)
+        if kind == "int8":
+            llm.quantize_int8(model)
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        t = median_time(max(2, repeats // 2), model.generate, prompt, max_new_tokens=tokens)
+        roof = tokens * (n / (gbs * 1e9) if kind == "int8" else roofline[getattr(torch, kind)])
+        rate[kind] = tokens / t
+        rows.append(dict(name=f"llama {kind} decode {tokens} tokens, ours vs the roofline", ours=t, ref=roof,
+                         ratio=roof / t, unit="s", extra=f"{rate[kind]:.1f} tokens/s, weights {size / 1e6:.0f} MB" +
+                         (f", {rate[kind] / rate['bfloat16']:.2f}x bf16's tokens/s" if kind == "int8" else "")))
+    rows[0]["extra"] += f"; roofline: {gbs:.1f} GB/s float32, {n * 2 / roofline[torch.bfloat16] / 1e9:.1f} bfloat16"
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -677,8 +723,8 @@ def _train_steps(model, folder, run, stages):
     model.eval()
 
 
-BENCHES = {"llama": bench_llama, "llama-load-memory": bench_llama_load_memory, "imagebind": bench_imagebind,
-           "unet": bench_unet, "image-pipeline": bench_image_pipeline}
+BENCHES = {"llama": bench_llama, "llama-load-memory": bench_llama_load_memory, "llama-int8": bench_llama_int8,
+           "imagebind": bench_imagebind, "unet": bench_unet, "image-pipeline": bench_image_pipeline}
 
 
 def main(argv=None):
