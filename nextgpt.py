@@ -45,6 +45,11 @@ REFERENCE_CAPTIONS = ("a photo of a dog running on the beach", "a red car parked
                       "on a wooden table", "a man playing the guitar on stage", "birds singing in a forest",
                       "waves crashing on the rocks", "a cat sleeping on a sofa", "fireworks over a river at night")
 
+def _with_paths(turn, folder):
+    """A showcase turn with its media paths resolved against the checkpoint folder."""
+    return {**turn, **{k: [os.path.join(folder, p) for p in turn[k]] for k in ("images", "videos", "audios")
+                       if k in turn}}
+
 
 def caption_distance(cond, target):
     """The training's caption alignment (common/utils.py l2_loss): the Euclidean distance per token, averaged. cond,
@@ -347,7 +352,7 @@ class NextGPT(nn.Module):
 
     @property
     def device(self):
-        return self.llm.lm_head.weight.device
+        return self.llm.model.embed_tokens.weight.device
 
     # -- input side ----------------------------------------------------------------------------------------------------
     def encode(self, modality, x):
@@ -376,7 +381,7 @@ class NextGPT(nn.Module):
 
     def project(self, feats):
         """ImageBind features (B, 1, 1024) pooled or (B, N, 1024) patches -> LLM tokens (B, 1 | 8, D)."""
-        w = self.llm.lm_head.weight
+        w = self.llm.model.embed_tokens.weight  # never quantized (llm.quantize_int8)
         return self.input_proj(feats.to(w.device, w.dtype))
 
     def prompt_embeds(self, turns, media=(), labels=False, official=False):
@@ -420,7 +425,7 @@ class NextGPT(nn.Module):
                 ids = self.tokenizer.encode(chunk, bos=n == 0 and k == 0)
                 parts.append(self.llm.model.embed_tokens(torch.tensor(ids, device=self.device, dtype=torch.long)))
                 targets += ids if is_target else [-100] * len(ids)
-        dtype = self.llm.lm_head.weight.dtype
+        dtype = self.llm.model.embed_tokens.weight.dtype
         embeds = torch.cat([p.to(dtype) for p in parts])[None]  # (1, T, D)
         return (embeds, torch.tensor(targets)) if labels else embeds
 
@@ -517,10 +522,16 @@ class NextGPT(nn.Module):
         return sorted(runs, key=lambda r: r[1])
 
     def reply_text(self, tokens):
-        """The reply as text: signal tokens and the closing stop text stripped."""
+        """The reply as text: signal tokens and the closing stop text stripped; the text around a run of signal
+        tokens joined by a space (the tokenizer drops the whitespace next to them)."""
         signal = {i for m in MODALITIES for i in self.signal_ids(m)} | {self.tokenizer.eos_id}
-        text = self.tokenizer.decode([t for t in tokens if t not in signal])
-        text = text.strip()
+        parts = [[]]  # the text between runs
+        for t in tokens:
+            if t not in signal:
+                parts[-1].append(t)
+            elif parts[-1]:
+                parts.append([])
+        text = " ".join(self.tokenizer.decode(p) for p in parts if p).strip()
         if text.endswith(self.config.stop_text):
             text = text[:-len(self.config.stop_text)]
         return re.sub(r"\s+", " ", text).strip()
@@ -679,7 +690,8 @@ class NextGPT(nn.Module):
             stable-diffusion-v1-5/, zeroscope_v2_576w/, audioldm-l-full/
         or any folder with a `nextgpt.json` naming its config and files (the toy world, checkpoints of train.py), and
         optionally the generation settings it was made for ("generation", over GenerationConfig's) and example turns
-        ("showcase": [{"prompt", "images" / "videos" / "audios": paths relative to the folder, "want"}]).
+        ("showcase": [{"prompt", "images" / "videos" / "audios": paths relative to the folder, "want"}], or
+        {"turns": [such turns]} for a dialogue).
         delta: another delta file to load instead (e.g. a train.py checkpoint over the official backbones).
         offload: ImageBind and the decoders wait on the CPU and visit `device` only while they work, so that the LLM
         and one backbone at a time share the GPU (README.md, 'Memory').
@@ -694,9 +706,8 @@ class NextGPT(nn.Module):
                 files = {k: (str(v), f"named in {manifest}") for k, v in m["files"].items()}
                 generation = GenerationConfig().override(**m.get("generation", {}))
                 captions = {k: list(v) for k, v in m.get("captions", {}).items()}
-                showcase = [{**turn, **{k: [os.path.join(ckpt, p) for p in turn[k]]
-                                        for k in ("images", "videos", "audios") if k in turn}}
-                            for turn in m.get("showcase", [])]
+                showcase = [{"turns": [_with_paths(t, ckpt) for t in entry["turns"]]} if "turns" in entry
+                            else _with_paths(entry, ckpt) for entry in m.get("showcase", [])]
             except (KeyError, TypeError, AttributeError, ValueError) as e:
                 raise weights.CheckpointError(
                     f"{manifest} is not a NExT-GPT manifest ({type(e).__name__}: {e}); it holds \"config\" (the "

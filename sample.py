@@ -57,6 +57,8 @@ def parse(argv):
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first there is)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on cuda, float32 elsewhere")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"], help="int8: the LLM's linear layers in "
+                   "int8, a scale per output row (llm.quantize_int8); the embedding stays (default: none)")
     p.add_argument("--diagnose", action="store_true", help="after each reply, a table per output: whether the LLM "
                    "emitted its signal tokens, the projector's output against the decoder's own caption embeddings")
     p.add_argument("--caption-bypass", action="store_true", help="also draw each output from the decoder's own text "
@@ -101,12 +103,15 @@ def parse(argv):
 def load(args):
     device = args.device
     if args.tiny_random:
-        return nextgpt.tiny_random(args.seed or 0).to(device)
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.ckpt, device)
-    # on a GPU the backbones wait on the CPU and visit the GPU one at a time (README.md, 'Memory')
-    model = nextgpt.NextGPT.from_pretrained(args.ckpt, dtype=dtype, device=device, offload=device != "cpu",
-                                            keep_decoders=args.keep_decoders)
-    nextgpt.llm.merge_lora(model.llm)  # inference only: fold LoRA into the base weights, no extra matmuls
+        model = nextgpt.tiny_random(args.seed or 0).to(device)
+    else:
+        dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.ckpt, device)
+        # on a GPU the backbones wait on the CPU and visit the GPU one at a time (README.md, 'Memory')
+        model = nextgpt.NextGPT.from_pretrained(args.ckpt, dtype=dtype, device=device, offload=device != "cpu",
+                                                keep_decoders=args.keep_decoders)
+        nextgpt.llm.merge_lora(model.llm)  # inference only: fold LoRA into the base weights, no extra matmuls
+    if args.quantize == "int8":  # of the merged weights
+        nextgpt.llm.quantize_int8(model.llm)
     return model
 
 
@@ -134,10 +139,10 @@ def default_dtype(ckpt, device):
     return torch.bfloat16
 
 
-def run(model, args, prompt, images=(), audios=(), videos=(), want=(), tag=""):
+def run(model, args, prompt, images=(), audios=(), videos=(), want=(), tag="", history=()):
     """Generate one reply and write its files (each written whole: to a temporary name, then renamed)."""
     settings = {k: getattr(args, k) for k in SETTINGS}  # None: the model's own (its nextgpt.json, or official)
-    out = model.generate(prompt, images=images, audios=audios, videos=videos, want=want,
+    out = model.generate(prompt, images=images, audios=audios, videos=videos, want=want, history=history,
                          official_inference=args.official_inference or None, caption_bypass=args.caption_bypass,
                          **settings)
     given = [os.path.basename(p) for p in (*images, *audios, *videos)]
@@ -150,11 +155,16 @@ def run(model, args, prompt, images=(), audios=(), videos=(), want=(), tag=""):
 
 
 def showcase(model, args):
-    """The checkpoint's example turns (its nextgpt.json's "showcase"), one reply each."""
+    """The checkpoint's example turns (its nextgpt.json's "showcase"), one reply each; a dialogue's turns each see
+    the turns before them, as in --chat."""
     t = time.time()
-    for k, turn in enumerate(model.showcase):
-        run(model, args, turn["prompt"], turn.get("images", ()), turn.get("audios", ()), turn.get("videos", ()),
-            turn.get("want", ()), tag=f"{k + 1}_")
+    for k, entry in enumerate(model.showcase):
+        history = []
+        for j, turn in enumerate(entry.get("turns", [entry])):
+            tag = f"{k + 1}{'abcdefgh'[j] if 'turns' in entry else ''}_"  # 1_image.png, 5a_..., 5b_...
+            out = run(model, args, turn["prompt"], turn.get("images", ()), turn.get("audios", ()),
+                      turn.get("videos", ()), turn.get("want", ()), tag=tag, history=history)
+            history.append((turn["prompt"], out["reply"], out["media"]))
     print(f"showcase done in {time.time() - t:.1f} s; files in {args.out}/")
 
 

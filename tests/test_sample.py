@@ -7,6 +7,7 @@ import wave
 import numpy as np
 import pytest
 import soundfile
+import torch
 from PIL import Image
 
 import nextgpt
@@ -101,3 +102,15 @@ def test_settings_come_from_the_checkpoint_then_the_command_line(tmp_path, monke
     assert g.guidance == {"image": 3.0, "video": 1.5, "audio": 3.0} and g.max_new_tokens == 24
     with Image.open(tmp_path / "image_0.png") as im:
         assert im.size == (32, 32)
+
+
+def test_int8_llm_keeps_the_toy_reply(tmp_path, monkeypatch):
+    """--quantize int8: the toy's LLM in int8 (llm.quantize_int8) still describes the bundled example.png."""
+    loaded, load = [], sample.load
+    monkeypatch.setattr(sample, "load", lambda args: loaded.append(load(args)) or loaded[0])
+    sample.main(["--quantize", "int8", "--prompt", "Describe this image.", "--image",
+                 f"{sample.TOY_CKPT}/example.png", "--out", str(tmp_path)])
+    assert (tmp_path / "reply.txt").read_text().strip() == "a green triangle"
+    assert loaded[0].llm.model.layers[0].self_attn.q_proj.weight.dtype == torch.int8
+    lm = loaded[0].llm
+    assert lm.lm_head.weight.dtype == torch.int8 and lm.model.embed_tokens.weight.is_floating_point()
