@@ -84,8 +84,18 @@ RULE_PITCH = dict(zip(SHAPES, PITCHES))
 RULE_COUNT = {"red": 1, "green": 2, "blue": 3}
 
 
+CLASSES = [(c, s) for c in COLORS for s in SHAPES]  # the 12 one-object image classes
+PAIRS = [(a, b) for a in CLASSES for b in CLASSES if a != b]  # the 132 two-object scenes: (left, right)
+HALF = SIZE // 2  # a two-object scene has one shape in each half
+
+
 def image_caption(color, shape):
     return f"a {color} {shape}"
+
+
+def pair_caption(left, right):
+    """Two objects, left to right: ((color, shape), (color, shape)) -> "a red circle and a blue square"."""
+    return f"{image_caption(*left)} and {image_caption(*right)}"
 
 
 def video_caption(color, shape, motion):
@@ -115,6 +125,15 @@ def make_image(rng, color, shape):
     shape becomes the hardest thing for the toy ImageBind to learn; docs/toy-notes.md)."""
     r = 5
     return draw(color, shape, rng.randint(r + 1, SIZE - r - 2), rng.randint(r + 1, SIZE - r - 2), r)
+
+
+def make_pair(rng, left, right):
+    """(SIZE, SIZE, 3): left's shape in the left half, right's in the right half, each at its own height (centres 6-9
+    and 22-25 px across: the halves never overlap, so each half is one object to the measurers)."""
+    r = 5
+    a = draw(*left, rng.randint(r + 1, HALF - r - 2), rng.randint(r + 1, SIZE - r - 2), r)
+    b = draw(*right, rng.randint(HALF + r + 1, SIZE - r - 2), rng.randint(r + 1, SIZE - r - 2), r)
+    return np.maximum(a, b)
 
 
 def make_video(rng, color, shape, motion):
@@ -198,6 +217,11 @@ def measure_image(img):
     return measure_color(img), measure_shape(img)
 
 
+def measure_pair(img):
+    """((color, shape) of the left half, (color, shape) of the right half)."""
+    return measure_image(img[:, :HALF]), measure_image(img[:, HALF:])
+
+
 def measure_motion(frames):
     """The foreground centroid's track from the first frame to the last: its dominant axis and sign."""
     cs = []
@@ -260,6 +284,12 @@ def measure_audio(wave):
 def parse_caption(text):
     """A caption of the world -> its attributes, or {} (exact wording, as the exact-match text measure wants)."""
     words = text.strip().rstrip(".").split()
+    if "and" in words:  # a two-object scene
+        k = words.index("and")
+        left, right = (parse_caption(" ".join(w)) for w in (words[:k], words[k + 1:]))
+        if set(left) == set(right) == {"color", "shape"}:
+            return {"left": (left["color"], left["shape"]), "right": (right["color"], right["shape"])}
+        return {}
     for c in COLORS:
         for s in SHAPES:
             if words == image_caption(c, s).split():
@@ -281,7 +311,9 @@ def parse_caption(text):
 class ToyConfig:
     out: str = "out/toy"  # data/, backbones/ (the folder train.py's --ckpt reads), stage1-3/, eval.json
     seed: int = 0  # the world's draws, every backbone's init, train.py's --seed
+    world: str = ""  # where data/ and backbones/ are read from (default: out; --stages of a variant on one world)
     per_image: int = 24  # training images per class (12 classes)
+    pair_images: int = 396  # two-object training images, the 132 scenes (ordered pairs of different classes) in turn
     per_video: int = 12  # training videos per class (48 classes)
     per_audio: int = 24  # training sounds per class (9 classes)
     eval_n: int = 24  # held-out prompts per task
@@ -301,7 +333,8 @@ class ToyConfig:
     vocoder_steps: int = 400  # the HiFi-GAN vocoder's
     batch: int = 32  # backbones' batch (ImageBind: half per modality; the video UNet: a quarter)
     # the three NExT-GPT stages (train.py)
-    stage_epochs: tuple = (25, 5, 25)  # train.py --epochs of stages 1, 2, 3
+    input_proj: str = "linear"  # stage 1's train.py --input_proj: the released linear one or the paper's "group"
+    stage_epochs: tuple = (25, 4, 12)  # train.py --epochs of stages 1, 2, 3
     stage_lr: tuple = (2e-3, 2e-3, 1e-3)  # train.py --lr of stages 1, 2, 3
     stage_batch: int = 8  # train.py --batch_size
     denoise: float = 1.0  # stage 2's latent denoising loss weight (train.py --denoise_weight)
@@ -310,14 +343,16 @@ class ToyConfig:
     sample_steps: int = 20  # DDIM steps of every decoder
     guidance: float = 3.0  # classifier-free guidance of the image and audio decoders
     video_guidance: float = 1.5  # the video decoder's, lower: at higher scales its direction code spoils color, shape
+    quantize: str = ""  # --eval with the LLM's weights in int8 ("int8", llm.quantize_int8), as sample.py --quantize
 
     @classmethod
     def small(cls, **kw):
         """The CI size (tests/test_toy.py): every step of the recipe in ~2-3 minutes on 2 cores. The LLM side learns
         its dialogues; the backbones barely start, so media accuracies stay near chance at this size."""
-        return replace(cls(per_image=8, per_video=1, per_audio=8, eval_n=8, imagebind_steps=100, llm_steps=200,
-                           vae_steps=100, unet_steps=100, video_steps=20, motion_text_steps=50, audio_vae_steps=60,
-                           audio_steps=80, vocoder_steps=50, batch=16, stage_epochs=(10, 5, 4), sample_steps=10), **kw)
+        return replace(cls(per_image=8, pair_images=48, per_video=1, per_audio=8, eval_n=6, imagebind_steps=100,
+                           llm_steps=200, vae_steps=60, unet_steps=60, video_steps=20, motion_text_steps=50,
+                           audio_vae_steps=20, audio_steps=40, vocoder_steps=20, batch=16, stage_epochs=(6, 2, 4),
+                           stage_lr=(2e-3, 2e-3, 2e-3), sample_steps=10), **kw)
 
 
 # the toy model's shape (every width small enough for a CPU)
@@ -332,12 +367,17 @@ N_MELS, HOP = 32, 160  # AudioLDM's hop (100 mel frames a second), fewer mel ban
 UNDERSTAND = {"image": "Describe this image.", "video": "Describe this video.", "audio": "Describe this sound."}
 GENERATE = {"image": "Draw {}.", "video": "Show {}.", "audio": "Play {}."}
 CROSS = {("image", "audio"): "Play the sound of this image.", ("audio", "image"): "Draw the picture of this sound."}
+# several outputs in one reply: an image and its sound (the rule), a video and its still image
+MULTI = {("image", "audio"): "Draw {} and play its sound.", ("video", "image"): "Show {}, then draw it still."}
+# the dialogues' later turns, which refer to the earlier input or output
+FOLLOW = {"move": "Now show it moving {}.", "sound": "And what does it sound like?", "picture": "Draw its picture."}
 STAGE1_PROMPT = "generate a caption"  # train.py's default stage-1 instruction
+PLACE = {m: f"<{m}-placeholder>" for m in ("image", "video", "audio")}  # the new code's output marker in a reply
 
 
 def all_captions():
-    img = [image_caption(c, s) for c in COLORS for s in SHAPES]
-    vid = [video_caption(c, s, m) for c in COLORS for s in SHAPES for m in MOTIONS]
+    img = [image_caption(c, s) for c, s in CLASSES] + [pair_caption(a, b) for a, b in PAIRS]
+    vid = [video_caption(c, s, m) for c, s in CLASSES for m in MOTIONS]
     aud = [audio_caption(p, n) for p in PITCHES for n in (1, 2, 3)]
     return {"image": img, "video": vid, "audio": aud}
 
@@ -350,31 +390,39 @@ def rule_image(pitch, count):
     return {v: k for k, v in RULE_COUNT.items()}[count], {v: k for k, v in RULE_PITCH.items()}[pitch]
 
 
-def world_items(seed, per_image, per_video, per_audio):
-    """Every class of each modality `per_*` times, each with its own random draw: [(name, caption, attributes)]."""
+def world_items(seed, per_image, per_video, per_audio, pair_images=0):
+    """Every class of each modality `per_*` times, each with its own random draw: [(media, caption, attributes)]. The
+    two-object scenes are images too, after the one-object ones (attributes: left, right)."""
     rng = random.Random(seed)
     items = {"image": [], "video": [], "audio": []}
     for _ in range(per_image):
-        for c in COLORS:
-            for s in SHAPES:
-                items["image"].append((make_image(rng, c, s), image_caption(c, s), dict(color=c, shape=s)))
+        for c, s in CLASSES:
+            items["image"].append((make_image(rng, c, s), image_caption(c, s), dict(color=c, shape=s)))
     for _ in range(per_video):
-        for c in COLORS:
-            for s in SHAPES:
-                for m in MOTIONS:
-                    items["video"].append((make_video(rng, c, s, m), video_caption(c, s, m),
-                                           dict(color=c, shape=s, motion=m)))
+        for c, s in CLASSES:
+            for m in MOTIONS:
+                items["video"].append((make_video(rng, c, s, m), video_caption(c, s, m),
+                                       dict(color=c, shape=s, motion=m)))
     for _ in range(per_audio):
         for p in PITCHES:
             for n in (1, 2, 3):
                 items["audio"].append((make_audio(rng, p, n), audio_caption(p, n), dict(pitch=p, count=n)))
+    for k in range(pair_images):  # drawn last, so that the one-object draws stay those of the first edition
+        a, b = PAIRS[k % len(PAIRS)]
+        items["image"].append((make_pair(rng, a, b), pair_caption(a, b), dict(left=a, right=b)))
     return items
 
 
+def conversation(*pairs):
+    """The new code's conversations: (human, gpt) pairs -> [{"from", "value"}, ...]."""
+    return [{"from": who, "value": v} for pair in pairs for who, v in zip(("human", "gpt"), pair)]
+
+
 def write_world(cfg):
-    """Media files + cc3m.json, webvid.json, audiocap.json (stages 1, 2), t2x.json and instruct.json (stage 3)."""
+    """Media files + cc3m.json, webvid.json, audiocap.json (stages 1, 2), t2x.json and instruct.json (stage 3: every
+    dialogue type, mixed)."""
     d = os.path.join(cfg.out, "data")
-    items = world_items(cfg.seed, cfg.per_image, cfg.per_video, cfg.per_audio)
+    items = world_items(cfg.seed, cfg.per_image, cfg.per_video, cfg.per_audio, cfg.pair_images)
     names = {m: [] for m in items}
     for m, rows in items.items():
         os.makedirs(os.path.join(d, m), exist_ok=True)
@@ -390,23 +438,46 @@ def write_world(cfg):
     t2x = [{"mm_name": n, "conversation": [
         {"from": "human", "value": GENERATE[m].format(c), "input_modality": "text"},
         {"from": "gpt", "value": c, "caption": c, "output_modality": m}]} for m in items for n, c, _ in names[m]]
-    # the new code's format: X in, text out; and the cross-modal switches through the rule
-    inst = [{f"input_{m}": n, "conversations": [{"from": "human", "value": f"<{m}>\n{UNDERSTAND[m]}"},
-                                                 {"from": "gpt", "value": c}]} for m in items for n, c, _ in names[m]]
+    # the new code's format: X in, text out; the cross-modal switches through the rule; several outputs in one
+    # reply; dialogues of two and three turns
+    inst = [{f"input_{m}": n, "conversations": conversation((f"<{m}>\n{UNDERSTAND[m]}", c))}
+            for m in items for n, c, _ in names[m]]
+    rng = random.Random(cfg.seed + 1)
+    single = [(n, c, a) for n, c, a in names["image"] if "color" in a]
     audio_of = {(a["pitch"], a["count"]): (n, c) for n, c, a in names["audio"]}
-    image_of = {(a["color"], a["shape"]): (n, c) for n, c, a in names["image"]}
-    for n, _, a in names["image"]:
+    image_of = {(a["color"], a["shape"]): (n, c) for n, c, a in single}
+    video_of = {}
+    for n, c, a in names["video"]:
+        video_of.setdefault((a["color"], a["shape"]), []).append((n, c, a["motion"]))
+    for n, c, a in single:
         if a["color"] in RULE_COUNT:
             an, ac = audio_of[rule_audio(a["color"], a["shape"])]
-            inst.append({"input_image": n, "output_audio": an, "audio_captions": [ac], "conversations": [
-                {"from": "human", "value": "<image>\n" + CROSS["image", "audio"]},
-                {"from": "gpt", "value": ac + "<audio-placeholder>"}]})
-    for n, _, a in names["audio"]:
+            inst.append({"input_image": n, "output_audio": an, "audio_captions": [ac],
+                         "conversations": conversation(("<image>\n" + CROSS["image", "audio"], ac + PLACE["audio"]))})
+            # one reply, two outputs: the image and its sound
+            inst.append({"output_image": n, "output_audio": an, "image_captions": [c], "audio_captions": [ac],
+                         "conversations": conversation((MULTI["image", "audio"].format(c),
+                                                 c + PLACE["image"] + " " + ac + PLACE["audio"]))})
+            # three turns: describe the image, then move it, then its sound
+            vn, vc, motion = rng.choice(video_of[a["color"], a["shape"]])
+            inst.append({"input_image": n, "output_video": vn, "video_captions": [vc], "output_audio": an,
+                         "audio_captions": [ac], "conversations": conversation(
+                             (f"<image>\n{UNDERSTAND['image']}", c),
+                             (FOLLOW["move"].format(motion), vc + PLACE["video"]),
+                             (FOLLOW["sound"], ac + PLACE["audio"]))})
+    for n, c, a in names["audio"]:
+        iname, ic = image_of[rule_image(a["pitch"], a["count"])]
         for _ in range(2):  # 9 sound classes against 12 image ones: seen twice, so both switches get as many examples
-            iname, ic = image_of[rule_image(a["pitch"], a["count"])]
-            inst.append({"input_audio": n, "output_image": iname, "image_captions": [ic], "conversations": [
-                {"from": "human", "value": "<audio>\n" + CROSS["audio", "image"]},
-                {"from": "gpt", "value": ic + "<image-placeholder>"}]})
+            inst.append({"input_audio": n, "output_image": iname, "image_captions": [ic],
+                         "conversations": conversation(("<audio>\n" + CROSS["audio", "image"], ic + PLACE["image"]))})
+        # two turns: describe the sound, then draw its picture
+        inst.append({"input_audio": n, "output_image": iname, "image_captions": [ic], "conversations": conversation(
+            (f"<audio>\n{UNDERSTAND['audio']}", c), (FOLLOW["picture"], ic + PLACE["image"]))})
+    for n, c, a in names["video"][::max(1, cfg.per_video // 3)]:  # 3 a class: a reply with a video and its still
+        iname, ic = image_of[a["color"], a["shape"]]
+        inst.append({"output_video": n, "output_image": iname, "video_captions": [c], "image_captions": [ic],
+                     "conversations": conversation((MULTI["video", "image"].format(c),
+                                             c + PLACE["video"] + " " + ic + PLACE["image"]))})
     dump(os.path.join(d, "t2x.json"), t2x)
     dump(os.path.join(d, "instruct.json"), inst)
     return {m: [(os.path.join(d, n), c) for n, c, _ in names[m]] for m in names}
@@ -419,28 +490,35 @@ def dump(path, obj):
 
 
 def llm_corpus():
-    """The world's text: (user, reply) for every dialogue the stages will show, with every caption."""
+    """The world's text: every dialogue the stages will show, [[(user, reply)]], with every caption (the replies
+    without their signal tokens)."""
     caps = all_captions()
-    turns = []
+    out = []
     for m, cs in caps.items():
         for c in cs:
-            turns += [(STAGE1_PROMPT, c), (UNDERSTAND[m], c), (GENERATE[m].format(c), c), (c, c)]
-    for c in caps["image"]:
-        color, shape = c.split()[1:]
+            out += [[(STAGE1_PROMPT, c)], [(UNDERSTAND[m], c)], [(GENERATE[m].format(c), c)], [(c, c)]]
+    for color, shape in CLASSES:
+        ic, motions = image_caption(color, shape), [video_caption(color, shape, m) for m in MOTIONS]
+        out += [[(MULTI["video", "image"].format(vc), f"{vc} {ic}")] for vc in motions]
         if color in RULE_COUNT:
-            turns.append((CROSS["image", "audio"], audio_caption(*rule_audio(color, shape))))
+            ac = audio_caption(*rule_audio(color, shape))
+            out += [[(CROSS["image", "audio"], ac)], [(MULTI["image", "audio"].format(ic), f"{ic} {ac}")]]
+            out += [[(UNDERSTAND["image"], ic), (FOLLOW["move"].format(m), vc), (FOLLOW["sound"], ac)]
+                    for m, vc in zip(MOTIONS, motions)]
     for p in PITCHES:
         for n in (1, 2, 3):
-            turns.append((CROSS["audio", "image"], image_caption(*rule_image(p, n))))
-    return turns
+            ac, ic = audio_caption(p, n), image_caption(*rule_image(p, n))
+            out += [[(CROSS["audio", "image"], ic)], [(UNDERSTAND["audio"], ac), (FOLLOW["picture"], ic)]]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Backbones: the project's classes at toy size, pretrained on the world
 
-def fit(desc, steps, params, loss_fn, lr, bar=0, warmup=20):
-    """AdamW with linear warmup and cosine decay; loss_fn(step) -> scalar; bar: the tqdm line. Returns the mean loss
-    of the last 10%."""
+def fit(log, desc, steps, params, loss_fn, lr, bar=0, warmup=20):
+    """AdamW with linear warmup and cosine decay; loss_fn(step) -> scalar; bar: the tqdm line. log[desc]: the mean
+    loss of the last 10%, log[desc + " seconds"]: how long it took."""
+    t0 = time.time()
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
@@ -456,7 +534,7 @@ def fit(desc, steps, params, loss_fn, lr, bar=0, warmup=20):
         losses.append(float(loss.detach()))
         progress.set_postfix(loss=f"{losses[-1]:.4f}")
     tail = losses[-max(1, steps // 10):]
-    return sum(tail) / len(tail)
+    log[desc], log[desc + " seconds"] = sum(tail) / len(tail), round(time.time() - t0)
 
 
 def clip_tokenizer(pad_id):
@@ -519,35 +597,46 @@ def train_imagebind(cfg, files, log):
     X["image"] = torch.cat([X["image"], X["video"][:, :, 0]])  # (N + N_video, 3, 224, 224)
     first = [image_caption(**{k: v for k, v in parse_caption(c).items() if k != "motion"}) for _, c in files["video"]]
     labels["image"] = torch.cat([labels["image"], torch.tensor([caps["image"].index(c) for c in first])])
+    # the two-object scenes (132 classes against 12) are drawn as often as all one-object images together
+    pair = torch.tensor([" and " in caps["image"][i] for i in labels["image"]])
+    weight = {"image": torch.where(pair, 1 / max(1, int(pair.sum())), 1 / max(1, int((~pair).sum())))}
     B = cfg.batch // 2
     g = torch.Generator().manual_seed(cfg.seed)
 
     def loss_fn(step):
         loss = 0.0
         for m in ("image", "video", "audio"):
-            idx = torch.randint(len(X[m]), (2 * B if m == "video" else B,), generator=g)  # motion: the hard part
+            n = 2 * B if m == "video" else B  # motion: the hard part
+            idx = torch.multinomial(weight[m], n, True, generator=g) if m in weight else \
+                torch.randint(len(X[m]), (n,), generator=g)
             x = X[m][idx].float()
             x = x[:, None] if m == "video" else x  # (B, 1 clip, 3, 2, 224, 224)
             emb = ib.embed("audio" if m == "audio" else "vision", x)  # (B, IB_DIM), unit norm
-            text = ib.embed("text", ids[m])  # (n_captions, IB_DIM), unit norm
-            loss = loss + F.cross_entropy(emb @ text.T / 0.07, labels[m][idx])
+            y, cand = labels[m][idx], torch.arange(len(ids[m]))  # the captions the batch is scored against
+            if m == "image":  # all 12 one-object captions, the batch's and 32 more of the 132 two-object ones: the
+                # text tower on all 144 would cost more than the images
+                more = torch.randperm(len(cand), generator=g)[:32]
+                cand = torch.unique(torch.cat([cand[:len(CLASSES)], y, more]))  # sorted
+            text = ib.embed("text", ids[m][cand])  # (n_captions, IB_DIM), unit norm
+            loss = loss + F.cross_entropy(emb @ text.T / 0.07, torch.searchsorted(cand, y))
         return loss / 3
 
     ib.train()
-    log["imagebind"] = fit("imagebind", cfg.imagebind_steps, ib.parameters(), loss_fn, 1e-3, cfg.bar)
+    fit(log, "imagebind", cfg.imagebind_steps, ib.parameters(), loss_fn, 1e-3, cfg.bar)
     return ib.eval()
 
 
 def llm_config(vocab_size):
+    # 512 positions: a three-turn dialogue with a video's 8 signal tokens is ~120 (RoPE: nothing learnt per position)
     return llm.LLaMAConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=vocab_size, hidden_dim=344,
-                           max_seq_len=256)
+                           max_seq_len=512)
 
 
 def train_llm(cfg, folder, log):
     """LLaMA on the world's dialogues (next-token), with its own sentencepiece; saved as an HF folder."""
-    turns = llm_corpus()
+    dialogues = llm_corpus()
     os.makedirs(folder, exist_ok=True)
-    text = "\n".join(f"### Human: {u}\n### Assistant: {r}\n###" for u, r in turns)
+    text = "\n".join(f"### Human: {u}\n### Assistant: {r}\n###" for d in dialogues for u, r in d)
     # NextGPT.reply stops only on a one-piece stop text: "###" must be one piece, so no dummy prefix
     sp_path = bpe.train_sentencepiece(text * 3, 256, os.path.join(folder, "..", "sp"), add_dummy_prefix=False)
     tok = bpe.LLaMATokenizer(sp_path)
@@ -555,8 +644,13 @@ def train_llm(cfg, folder, log):
     model = llm.LLaMA(llm_config(tok.sp.get_piece_size()))
     # tokenized as NextGPT.prompt_embeds does: the prompt (ending in "Assistant: ") and the reply apart. Generation
     # ends the prompt at "Assistant:", so the model must have learnt that the space comes next.
-    seqs = [torch.tensor(tok.encode(f"### Human: {u}\n### Assistant: ") + tok.encode(f"{r}\n###", bos=False)
-                         + [tok.eos_id]) for u, r in turns]
+    def tokens(d):  # a dialogue's turns one after another, as NextGPT.prompt_embeds joins them
+        ids = []
+        for k, (u, r) in enumerate(d):
+            head = f"{'' if k else '### '}Human: {u}\n### Assistant: "
+            ids += tok.encode(head, bos=not k) + tok.encode(f"{r}\n###", bos=False)
+        return torch.tensor(ids + [tok.eos_id])
+    seqs = [tokens(d) for d in dialogues]
     g = torch.Generator().manual_seed(cfg.seed)
 
     def loss_fn(step):
@@ -569,7 +663,7 @@ def train_llm(cfg, folder, log):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), ignore_index=-100)
 
     model.train()
-    log["llm"] = fit("llm", cfg.llm_steps, model.parameters(), loss_fn, 3e-3, cfg.bar)
+    fit(log, "llm", cfg.llm_steps, model.parameters(), loss_fn, 3e-3, cfg.bar)
     model.eval().save_pretrained(folder, sp_path)
     return model
 
@@ -599,7 +693,7 @@ def train_vae(cfg, x, steps, desc, log, salient):
         return ((vae.decode(z) - xb).abs() * w).mean() + 1e-4 * kl
 
     vae.train()
-    log[desc] = fit(desc, steps, vae.parameters(), loss_fn, 2e-3, cfg.bar)
+    fit(log, desc, steps, vae.parameters(), loss_fn, 2e-3, cfg.bar)
     vae.eval().requires_grad_(False)
     vae.cfg.scaling_factor = 1.0
     vae.cfg.scaling_factor = float(1 / latents(vae, x).std())  # the unscaled latents' std
@@ -667,8 +761,11 @@ def train_unet(cfg, kind, unet, text_encoder, z, captions, steps, log, train_tex
             # same for every caption and the diffusion loss alone never separates them (the UNet then ignores the
             # label). The mean squared cosine between different captions stands in for it.
             spread = ((emb @ emb.T) ** 2 - torch.eye(len(emb))).mean()
+        elif train_text:  # the text encoder on the batch's captions only (145 image captions cost more than the UNet)
+            u, inverse = ci.unique(return_inverse=True)
+            cond = text_encoder(ids[u])[inverse]  # (B, 77, W)
         else:
-            cond = (text_encoder(ids) if train_text else fixed)[ci]  # (B, 77, W)
+            cond = fixed[ci]
         z0 = z[idx]
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, s.num_train_timesteps, (B,), generator=g)
@@ -680,7 +777,7 @@ def train_unet(cfg, kind, unet, text_encoder, z, captions, steps, log, train_tex
 
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     unet.train(), text_encoder.train(train_text)
-    log[f"{kind} unet"] = fit(f"{kind} unet", steps, params, loss_fn, 2e-3, cfg.bar)
+    fit(log, f"{kind} unet", steps, params, loss_fn, 2e-3, cfg.bar)
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
 
 
@@ -706,7 +803,7 @@ def motion_text_encoder(cfg, image_enc, captions, log):
     code = 3.0 * torch.randn(len(MOTIONS), before.shape[-1], generator=g)  # (4, W), about 3x a token's norm
     motion = torch.tensor([list(MOTIONS).index(parse_caption(c)["motion"]) for c in unique] + [0])  # "": no code
     target = before + after[..., None] * code[motion][:, None]  # (n + 1, 77, W)
-    log["video text encoder"] = fit("video text encoder", cfg.motion_text_steps, enc.parameters(),
+    fit(log, "video text encoder", cfg.motion_text_steps, enc.parameters(),
                                     lambda step: F.mse_loss(enc(ids), target), 5e-3, cfg.bar)
     return enc.eval().requires_grad_(False)
 
@@ -798,7 +895,7 @@ def train_vocoder(cfg, waves, mels, log):
         return F.mse_loss(y, waves[idx]) * 100 + stft_loss(y, waves[idx]) * 0.1
 
     voc.train()
-    log["vocoder"] = fit("vocoder", cfg.vocoder_steps, voc.parameters(), loss_fn, 2e-3, cfg.bar)
+    fit(log, "vocoder", cfg.vocoder_steps, voc.parameters(), loss_fn, 2e-3, cfg.bar)
     return voc.eval().requires_grad_(False)
 
 
@@ -860,11 +957,13 @@ def save_decoder(folder, kind, unet, vae, enc):
 
 
 def toy_config(vocab_size):
+    """The toy NExT-GPT. Its concept grouping (train.py --input_proj=group) at toy width: the grid's 256 patch
+    features (228 for audio) -> 16 groups -> 4 concept tokens (the official: 64 -> 8, width 512, 6 + 3 + 3 blocks)."""
     return nextgpt.NextGPTConfig(llm=llm_config(vocab_size), imagebind=imagebind_config(),
                                  signal_tokens={"image": 4, "video": 8, "audio": 4},
                                  cond_shape={"image": (77, W_IMAGE), "video": (77, W_IMAGE), "audio": (1, W_AUDIO)},
-                                 proj_hidden=64, proj_layers=1, proj_heads=2, lora_r=8, lora_alpha=16,
-                                 lora_dropout=0.0)
+                                 proj_hidden=64, proj_layers=1, proj_heads=2, group_dim=64, group_depths=(2, 1, 1),
+                                 group_tokens=(16, 4), group_heads=4, lora_r=8, lora_alpha=16, lora_dropout=0.0)
 
 
 BACKBONE_FILES = {"imagebind": "imagebind.safetensors", "vicuna": "llama", "image": "image", "video": "video",
@@ -911,7 +1010,7 @@ def die_with_parent():
 
 def understanding_lane(cfg, files, folder):
     torch.set_num_threads(cfg.threads)  # a lane's process starts with torch's default
-    log = {}
+    log, t0 = {}, time.time()
     train_llm(cfg, os.path.join(folder, "llama"), log)
     ib = train_imagebind(cfg, files, log)
     save_safetensors(ib, os.path.join(folder, "imagebind.safetensors"))
@@ -925,12 +1024,13 @@ def understanding_lane(cfg, files, folder):
     waves = torch.stack([torch.from_numpy(read_media("audio", p)) for p, _ in files["audio"]])
     voc = train_vocoder(cfg, waves, torch.stack([log_mel(w) for w in waves]), log)
     save_vocoder(os.path.join(folder, "audio"), voc)
+    log["understanding lane seconds"] = round(time.time() - t0)
     return log
 
 
 def picture_lane(cfg, files, folder):
     torch.set_num_threads(cfg.threads)
-    log = {}
+    log, t0 = {}, time.time()
     # images and videos share one VAE (Zeroscope uses Stable Diffusion's too)
     img = torch.stack([torch.from_numpy(read_media("image", p)) for p, _ in files["image"]])
     vid = torch.stack([torch.from_numpy(read_media("video", p)) for p, _ in files["video"]])  # (N, F, H, W, 3)
@@ -945,6 +1045,7 @@ def picture_lane(cfg, files, folder):
     video, _ = train_unet(cfg, "video", inflate(cfg, unet), video_enc, video_latents(vae, vid), video_caps,
                           cfg.video_steps, log, train_text=False)
     save_decoder(os.path.join(folder, "video"), "video", video, vae, video_enc)
+    log["picture lane seconds"] = round(time.time() - t0)
     return log
 
 
@@ -953,7 +1054,8 @@ def picture_lane(cfg, files, folder):
 
 def stage_commands(cfg):
     """The train.py command lines of the recipe (printed by --recipe, run in-process through train.main)."""
-    d, ckpt, feats = (os.path.join(cfg.out, x) for x in ("data", "backbones", "features"))
+    world = cfg.world or cfg.out
+    d, ckpt, feats = os.path.join(world, "data"), os.path.join(world, "backbones"), os.path.join(cfg.out, "features")
     pairs = ",".join(os.path.join(d, f) for f in ("cc3m.json", "webvid.json", "audiocap.json"))
     inst = ",".join(os.path.join(d, f) for f in ("t2x.json", "instruct.json"))
     cmds = []
@@ -963,6 +1065,8 @@ def stage_commands(cfg):
                 f"--out_dir={os.path.join(cfg.out, f'stage{stage}')}", f"--epochs={cfg.stage_epochs[k]}",
                 f"--batch_size={cfg.stage_batch}", f"--lr={cfg.stage_lr[k]}", f"--seed={cfg.seed}", "--log_every=0",
                 "--device=cpu"]  # --prepare does not resolve the default "auto" (train.py builds the model first)
+        if stage == 1:
+            args.append(f"--input_proj={cfg.input_proj}")
         if stage == 2:
             args.append(f"--denoise_weight={cfg.denoise}")
         if stage > 1:
@@ -1013,8 +1117,15 @@ def stage_losses(cfg, seconds):
 # Evaluation: held-out media and prompts, scored by the measurers
 
 TASKS = ("image -> text", "video -> text", "audio -> text", "text -> image", "text -> video", "text -> audio",
-         "image -> audio (rule)", "audio -> image (rule)")
-CHANCE = dict(zip(TASKS, (1 / 12, 1 / 48, 1 / 9, 1 / 12, 1 / 48, 1 / 9, 1 / 9, 1 / 12)))
+         "image -> audio (rule)", "audio -> image (rule)",
+         # the second edition: two-object scenes, several outputs in one reply, dialogues (every turn right)
+         "two-object image -> text", "text -> two-object image", "text -> image + audio (rule)",
+         "text -> video + image", "dialogue: image, video, audio", "dialogue: audio, image")
+CHANCE = dict(zip(TASKS, (1 / 12, 1 / 48, 1 / 9, 1 / 12, 1 / 48, 1 / 9, 1 / 9, 1 / 12,
+                          1 / 132, 1 / 132, 1 / (12 * 9), 1 / (48 * 12), 1 / (12 * 48 * 9), 1 / (9 * 12))))
+KIND = {t: "two-object, several outputs or dialogue" if k >= 8 else "understanding" if t.endswith("-> text")
+        else "one-object generation" for k, t in enumerate(TASKS)}
+TARGET = {"understanding": 0.95, "one-object generation": 0.90, "two-object, several outputs or dialogue": 0.80}
 
 
 def generation_config(cfg):
@@ -1027,8 +1138,9 @@ def generation_config(cfg):
 
 
 def eval_cases(cfg):
-    """[(task, prompt, input (modality, media) or None, expected caption of the reply, expected measures)]: media
-    drawn from a seed training never used (new positions, pitches, timings)."""
+    """[(task, [turn])]: turn = (prompt, input (modality, media) or None, the reply's expected captions (its text,
+    the caption before each output), the expected outputs [(modality, measures)]). Media drawn from a seed training
+    never used (new positions, pitches, timings)."""
     rng = random.Random(cfg.seed + 1000)
     cases = []
     for _ in range(cfg.eval_n):
@@ -1036,56 +1148,115 @@ def eval_cases(cfg):
         p, n = rng.choice(list(PITCHES)), rng.randint(1, 3)
         rc = rng.choice(list(RULE_COUNT))
         ic, vc, ac = image_caption(c, s), video_caption(c, s, m), audio_caption(p, n)
+        one = lambda prompt, inp, caps, outs=(): [(prompt, inp, caps, list(outs))]  # noqa: E731 a one-turn task
         cases += [
-            ("image -> text", UNDERSTAND["image"], ("image", make_image(rng, c, s)), ic, None),
-            ("video -> text", UNDERSTAND["video"], ("video", make_video(rng, c, s, m)), vc, None),
-            ("audio -> text", UNDERSTAND["audio"], ("audio", make_audio(rng, p, n)), ac, None),
-            ("text -> image", GENERATE["image"].format(ic), None, ic, ("image", (c, s))),
-            ("text -> video", GENERATE["video"].format(vc), None, vc, ("video", (c, s, m))),
-            ("text -> audio", GENERATE["audio"].format(ac), None, ac, ("audio", (p, n))),
-            ("image -> audio (rule)", CROSS["image", "audio"], ("image", make_image(rng, rc, s)),
-             audio_caption(*rule_audio(rc, s)), ("audio", rule_audio(rc, s))),
-            ("audio -> image (rule)", CROSS["audio", "image"], ("audio", make_audio(rng, p, n)),
-             image_caption(*rule_image(p, n)), ("image", rule_image(p, n))),
+            ("image -> text", one(UNDERSTAND["image"], ("image", make_image(rng, c, s)), [ic])),
+            ("video -> text", one(UNDERSTAND["video"], ("video", make_video(rng, c, s, m)), [vc])),
+            ("audio -> text", one(UNDERSTAND["audio"], ("audio", make_audio(rng, p, n)), [ac])),
+            ("text -> image", one(GENERATE["image"].format(ic), None, [ic], [("image", (c, s))])),
+            ("text -> video", one(GENERATE["video"].format(vc), None, [vc], [("video", (c, s, m))])),
+            ("text -> audio", one(GENERATE["audio"].format(ac), None, [ac], [("audio", (p, n))])),
+            ("image -> audio (rule)", one(CROSS["image", "audio"], ("image", make_image(rng, rc, s)),
+                                          [audio_caption(*rule_audio(rc, s))], [("audio", rule_audio(rc, s))])),
+            ("audio -> image (rule)", one(CROSS["audio", "image"], ("audio", make_audio(rng, p, n)),
+                                          [image_caption(*rule_image(p, n))], [("image", rule_image(p, n))])),
+        ]
+        left, right = rng.choice(PAIRS)
+        pc = pair_caption(left, right)
+        rule_ic, rule_ac = image_caption(rc, s), audio_caption(*rule_audio(rc, s))
+        cases += [
+            ("two-object image -> text", one(UNDERSTAND["image"], ("image", make_pair(rng, left, right)), [pc])),
+            ("text -> two-object image", one(GENERATE["image"].format(pc), None, [pc], [("pair", (left, right))])),
+            ("text -> image + audio (rule)", one(MULTI["image", "audio"].format(rule_ic), None, [rule_ic, rule_ac],
+                                                 [("image", (rc, s)), ("audio", rule_audio(rc, s))])),
+            ("text -> video + image", one(MULTI["video", "image"].format(vc), None, [vc, ic],
+                                          [("video", (c, s, m)), ("image", (c, s))])),
+            ("dialogue: image, video, audio", [
+                (UNDERSTAND["image"], ("image", make_image(rng, rc, s)), [rule_ic], []),
+                (FOLLOW["move"].format(m), None, [video_caption(rc, s, m)], [("video", (rc, s, m))]),
+                (FOLLOW["sound"], None, [rule_ac], [("audio", rule_audio(rc, s))])]),
+            ("dialogue: audio, image", [
+                (UNDERSTAND["audio"], ("audio", make_audio(rng, p, n)), [ac], []),
+                (FOLLOW["picture"], None, [image_caption(*rule_image(p, n))], [("image", rule_image(p, n))])]),
         ]
     return cases
 
 
+MEASURE = {"image": measure_image, "pair": measure_pair, "video": measure_video, "audio": measure_audio}
+
+
+def score_turn(out, captions, outputs):
+    """-> (every expected output there and measured right, the reply's text exactly its captions (with outputs: the
+    text before each output), the share of a two-object scene's objects right or None). The k-th expected output of a
+    modality is the reply's k-th of that modality ("pair": an image of two objects)."""
+    if outputs:
+        reply_ok = [r["caption"].strip().rstrip(".") for r in out["runs"]] == captions
+    else:
+        reply_ok = out["text"].strip().rstrip(".") == captions[0]
+    seen, ok, objects = {}, True, None
+    for m, expected in outputs:
+        key = "image" if m == "pair" else m
+        k = seen[key] = seen.get(key, -1) + 1
+        got = out[key][k] if k < len(out[key]) else None
+        measured = got is not None and MEASURE[m](got.numpy() if m == "audio" else media.to_uint8(got))
+        ok = ok and measured == expected
+        if m == "pair":
+            objects = sum(measured[i] == expected[i] for i in (0, 1)) / 2 if measured else 0.0
+    if not outputs and "left" in parse_caption(captions[0]):  # a two-object scene described: each object apart
+        said, expected = parse_caption(out["text"]), parse_caption(captions[0])
+        objects = sum(said.get(side) == expected[side] for side in ("left", "right")) / 2
+    return (ok if outputs else reply_ok), reply_ok, objects
+
+
 def evaluate(cfg, ckpt):
     """Accuracy per task: understanding by exact match of the reply, generation by measuring the output media (an
-    output the model did not produce counts as wrong: no `want` forcing). Also the reply's caption for generation
-    tasks, to tell LLM failures from projector / decoder ones. -> {task: accuracy}"""
+    output the model did not produce counts as wrong: no `want` forcing); a dialogue's later turns see the model's
+    own earlier replies, as in a chat, and the dialogue counts when every turn is right. Also whether the reply's
+    text is exactly the expected captions, to tell LLM failures from projector / decoder ones. -> {task: accuracy}"""
     t0 = time.time()
     model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu", keep_decoders=True)
+    if cfg.quantize == "int8":  # as sample.py --quantize int8 does: LoRA folded in, then the LLM's weights in int8
+        llm.merge_lora(model.llm)
+        llm.quantize_int8(model.llm)
     generation = generation_config(cfg)
-    measure = {"image": measure_image, "video": measure_video, "audio": measure_audio}
-    score = {t: [0, 0, 0] for t in TASKS}  # right media / right reply / count
+    score = {t: [0, 0, 0] for t in TASKS}  # right / reply exact / count
+    turn_score = {t: [] for t in TASKS}  # per turn of the dialogues: [right, ...] per dialogue
+    objects = {}  # the two-object tasks: the share of objects right (color, shape and side), per prompt
     with tempfile.TemporaryDirectory() as d:
-        for k, (task, prompt, inp, caption, want) in enumerate(tqdm(eval_cases(cfg), desc="eval", mininterval=2)):
-            inputs = {}
-            if inp:
-                path = os.path.join(d, f"{k}.{EXT[inp[0]]}")
-                SAVE[inp[0]](path, inp[1])
-                inputs = {inp[0] + "s": [path]}
-            out = model.generate(prompt, **inputs, config=generation, seed=cfg.eval_seed + k, progress=False)
-            reply_ok = out["text"].strip().rstrip(".") == caption
-            if want is None:
-                ok = reply_ok
-            else:
-                m, expected = want
-                got = out[m][0] if out[m] else None
-                ok = got is not None and measure[m](got.numpy() if m == "audio" else media.to_uint8(got)) == expected
-            score[task][0] += ok
-            score[task][1] += reply_ok
+        for k, (task, dialogue) in enumerate(tqdm(eval_cases(cfg), desc="eval", mininterval=2)):
+            history, all_ok, all_reply, per_turn = [], True, True, []
+            for j, (prompt, inp, captions, outputs) in enumerate(dialogue):
+                inputs = {}
+                if inp:
+                    path = os.path.join(d, f"{k}_{j}.{EXT[inp[0]]}")
+                    SAVE[inp[0]](path, inp[1])
+                    inputs = {inp[0] + "s": [path]}
+                out = model.generate(prompt, **inputs, history=history, config=generation, seed=cfg.eval_seed + k,
+                                     progress=False)
+                history.append((prompt, out["reply"], out["media"]))
+                ok, reply_ok, right = score_turn(out, captions, outputs)
+                if right is not None:
+                    objects.setdefault(task, []).append(right)
+                all_ok, all_reply = all_ok and ok, all_reply and reply_ok
+                per_turn.append(ok)
+            score[task][0] += all_ok
+            score[task][1] += all_reply
             score[task][2] += 1
+            turn_score[task].append(per_turn)
     acc = {t: s[0] / s[2] for t, s in score.items()}
+    turns = {t: [sum(r[j] for r in rows) / len(rows) for j in range(len(rows[0]))]
+             for t, rows in turn_score.items() if rows and len(rows[0]) > 1}
+    int8 = ", the LLM in int8" if cfg.quantize == "int8" else ""
     print(f"\n{ckpt}: {cfg.eval_n} held-out prompts per task, {cfg.sample_steps} DDIM steps, guidance {cfg.guidance} "
-          f"(video {cfg.video_guidance}), noise seeds {cfg.eval_seed} + prompt")
-    print("| task | accuracy | reply caption exact | chance |\n| --- | --- | --- | --- |")
+          f"(video {cfg.video_guidance}), noise seeds {cfg.eval_seed} + prompt{int8}")
+    print("| task | accuracy | reply caption exact | chance | target |\n| --- | --- | --- | --- | --- |")
+    objects = {t: sum(v) / len(v) for t, v in objects.items()}
     for t, (ok, rep, n) in score.items():
-        print(f"| {t} | {ok / n:.0%} ({ok}/{n}) | {rep / n:.0%} | {CHANCE[t]:.0%} |")
+        each = f" (turns: {', '.join(f'{a:.0%}' for a in turns[t])})" if t in turns else \
+            f" (objects: {objects[t]:.0%})" if t in objects else ""
+        print(f"| {t} | {ok / n:.0%} ({ok}/{n}){each} | {rep / n:.0%} | {CHANCE[t]:.1%} | {TARGET[KIND[t]]:.0%} |")
     print(f"eval took {time.time() - t0:.0f} s")
-    dump(os.path.join(cfg.out, "eval.json"), {"ckpt": ckpt, "accuracy": acc,
+    dump(os.path.join(cfg.out, "eval.json"), {"ckpt": ckpt, "accuracy": acc, "turns": turns, "objects": objects,
                                               "reply": {t: s[1] / s[2] for t, s in score.items()}})
     return acc
 
@@ -1122,9 +1293,14 @@ def probe_video(cfg, ckpt, per_class=2):
     return table
 
 
+SHOWN_PAIRS = [(("red", "circle"), ("blue", "square")), (("green", "triangle"), ("yellow", "circle")),
+               (("blue", "square"), ("red", "triangle")), (("yellow", "square"), ("green", "circle"))]
+
+
 def pictures(cfg, ckpt, folder=None):
     """The README's pictures, generated (never drawn): every image caption, four motions, three sounds' log-mels
-    (each (N_MELS, 100), low frequencies at the bottom) -> folder (default: assets/). As sample.py does, the
+    (each (N_MELS, 100), low frequencies at the bottom), four two-object scenes (SHOWN_PAIRS) -> folder (default:
+    assets/). As sample.py does, the
     asked-for output is forced."""
     folder = folder or os.path.dirname(ASSETS)
     model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu", keep_decoders=True)
@@ -1136,9 +1312,12 @@ def pictures(cfg, ckpt, folder=None):
 
     def up(a, k=3):  # nearest-neighbour upscaling of (H, W, ...) pixels
         return a.repeat(k, axis=0).repeat(k, axis=1)
-    imgs = [media.to_uint8(made("image", c)) for c in all_captions()["image"]]
+    imgs = [media.to_uint8(made("image", image_caption(c, s))) for c, s in CLASSES]
     rows = [np.concatenate(imgs[r::3], axis=1) for r in range(3)]  # 3 rows (shapes) x 4 columns (colors)
     media.save_image(os.path.join(folder, "toy_text_to_image.png"), up(np.concatenate(rows, axis=0)))
+    pairs = [media.to_uint8(made("image", pair_caption(*p))) for p in SHOWN_PAIRS]
+    media.save_image(os.path.join(folder, "toy_text_to_pair.png"),
+                     up(np.concatenate([np.pad(p, ((0, 0), (0, 2), (0, 0)), constant_values=255) for p in pairs], 1)))
     vids = [media.to_uint8(made("video", video_caption(c, s, m)))
             for c, s, m in (("red", "circle", "left"), ("blue", "square", "right"), ("green", "triangle", "up"),
                             ("yellow", "circle", "down"))]
@@ -1159,7 +1338,10 @@ def pictures(cfg, ckpt, folder=None):
 SHOWCASE = [{"prompt": UNDERSTAND["image"], "images": ["example.png"]},
             {"prompt": GENERATE["image"].format(image_caption("red", "circle")), "want": ["image"]},
             {"prompt": GENERATE["video"].format(video_caption("blue", "square", "left")), "want": ["video"]},
-            {"prompt": GENERATE["audio"].format(audio_caption("high", 2)), "want": ["audio"]}]
+            {"prompt": GENERATE["audio"].format(audio_caption("high", 2)), "want": ["audio"]},
+            {"prompt": MULTI["image", "audio"].format(image_caption("blue", "square"))},  # one reply, two outputs
+            {"turns": [{"prompt": UNDERSTAND["image"], "images": ["example.png"]},  # a dialogue: "it" is the image
+                       {"prompt": FOLLOW["move"].format("up")}]}]
 
 
 def ship(cfg, step_folder, dest=ASSETS):
@@ -1223,6 +1405,10 @@ def parse(argv):
         cfg = cli.config_from(ToyConfig, args, base=ToyConfig.small() if small else ToyConfig())
     except ValueError as e:
         p.error(str(e))
+    for name, allowed in (("input_proj", ("linear", "group")), ("quantize", ("", "int8"))):
+        if getattr(cfg, name) not in allowed:
+            p.error(f"--{name.replace('_', '-')} must be one of {', '.join(map(repr, allowed))}, not "
+                    f"{getattr(cfg, name)!r}")
     for name in ("stage_epochs", "stage_lr"):
         if len(getattr(cfg, name)) != 3:
             p.error(f"--{name.replace('_', '-')} takes one value per stage, 3 in all")
@@ -1235,8 +1421,8 @@ def main(argv):
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     recipe = "recipe" in actions
+    t0 = time.time()
     if not actions or recipe:
-        t0 = time.time()
         files = write_world(cfg)
         print(f"world written to {cfg.out}/data in {time.time() - t0:.0f} s", flush=True)
         print(json.dumps(build_backbones(cfg, files)), flush=True)
@@ -1244,6 +1430,8 @@ def main(argv):
         print(json.dumps(run_stages(cfg)), flush=True)
     if "eval" in actions or recipe:
         evaluate(cfg, actions.get("eval") or (latest(cfg, 3) if recipe else ASSETS))
+    if recipe:
+        print(f"recipe took {(time.time() - t0) / 60:.1f} minutes (world, backbones, stages, eval)")
     if "ship" in actions:
         ship(cfg, actions["ship"] or latest(cfg, 3))
     if "pictures" in actions:

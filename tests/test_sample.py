@@ -67,7 +67,8 @@ def test_missing_checkpoint_says_where_to_get_it(tmp_path):
 
 def test_default_showcase_on_the_shipped_toy(tmp_path, monkeypatch, capsys):
     """`python sample.py` with no arguments: the shipped toy checkpoint, at the settings its nextgpt.json gives (32 px,
-    8 frames, 1 s), every modality out; the replies name what the prompts ask for."""
+    8 frames, 1 s), every modality out, a reply with two outputs and a two-turn dialogue; the replies name what the
+    prompts ask for."""
     import toy
     monkeypatch.chdir(tmp_path)
     sample.main([])
@@ -82,6 +83,16 @@ def test_default_showcase_on_the_shipped_toy(tmp_path, monkeypatch, capsys):
     wave_, sr = soundfile.read(out / "4_audio_0.wav")
     assert sr == 16000 and wave_.shape == (16000,)
     assert toy.measure_audio(wave_) == ("high", 2)
+    # one reply, two outputs: the image and its sound by the world's rule (blue: three beeps, square: mid)
+    assert (out / "5_reply.txt").read_text().strip() == "a blue square three mid beeps"
+    with Image.open(out / "5_image_0.png") as im:
+        assert toy.measure_image(np.asarray(im.convert("RGB"))) == ("blue", "square")
+    assert toy.measure_audio(soundfile.read(out / "5_audio_0.wav")[0]) == ("mid", 3)
+    # a dialogue: the second turn's "it" is the first turn's image
+    assert (out / "6a_reply.txt").read_text().strip() == "a green triangle"
+    assert (out / "6b_reply.txt").read_text().strip() == "a green triangle moving up"
+    with Image.open(out / "6b_video_0.gif") as im:
+        assert im.n_frames == 8
     assert "showcase done" in capsys.readouterr().out
 
 

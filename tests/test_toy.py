@@ -28,6 +28,8 @@ def test_measurers_on_ground_truth():
         assert toy.measure_video(toy.make_video(rng, c, s, m)) == (c, s, m)
         p, n = rng.choice(list(toy.PITCHES)), rng.randint(1, 3)
         assert toy.measure_audio(toy.make_audio(rng, p, n)) == (p, n)
+        left, right = rng.choice(toy.PAIRS)
+        assert toy.measure_pair(toy.make_pair(rng, left, right)) == (left, right)
 
 
 def test_shape_test_survives_a_slight_blur():
@@ -64,10 +66,13 @@ def test_media_round_trip(tmp_path):
 
 def test_captions_parse_and_rule_is_a_bijection():
     caps = toy.all_captions()
-    assert len(caps["image"]) == 12 and len(caps["video"]) == 48 and len(caps["audio"]) == 9
+    assert len(caps["image"]) == 12 + 132 and len(caps["video"]) == 48 and len(caps["audio"]) == 9
     for cs in caps.values():
         for c in cs:
             assert toy.parse_caption(c + ".")
+    pair = {"left": ("red", "circle"), "right": ("blue", "square")}
+    assert toy.parse_caption("a red circle and a blue square") == pair
+    assert toy.parse_caption("a red circle and two low beeps") == {}
     pairs = {toy.rule_audio(c, s) for c in toy.RULE_COUNT for s in toy.SHAPES}
     assert len(pairs) == 9 and all(toy.rule_image(*toy.rule_audio(c, s)) == (c, s)
                                    for c in toy.RULE_COUNT for s in toy.SHAPES)
@@ -79,7 +84,7 @@ def test_help_lists_every_option_and_writes_nothing(tmp_path):
     for option in ("--recipe", "--stages", "--eval [CKPT]", "--ship [CKPT]", "--pictures [CKPT]",
                    "--probe-video [CKPT]", "--small", "--out", "--eval-seed", "--first-stage", "--stage-epochs"):
         assert option in r.stdout, option
-    assert "(default: 25,5,25)" in r.stdout
+    assert "(default: 25,4,12)" in r.stdout
     assert os.listdir(tmp_path) == []
 
 
@@ -116,7 +121,7 @@ def test_shipped_manifest_is_what_ship_writes():
 
 def test_data_files_read_by_train(tmp_path):
     """Every record of every file parses in train.py's read_data, for the stage it is meant for."""
-    cfg = toy.ToyConfig.small(out=str(tmp_path), per_image=1, per_video=1, per_audio=1)
+    cfg = toy.ToyConfig.small(out=str(tmp_path), per_image=1, per_video=1, per_audio=1, pair_images=2)
     toy.write_world(cfg)
     config = NextGPTConfig.preset("tiny")
     d = tmp_path / "data"
@@ -129,6 +134,17 @@ def test_data_files_read_by_train(tmp_path):
     inst = json.load(open(d / "instruct.json"))
     kinds = {tuple(sorted(k for k in r if k.startswith(("input_", "output_")))) for r in inst}
     assert ("input_image", "output_audio") in kinds and ("input_audio", "output_image") in kinds
+    assert ("output_audio", "output_image") in kinds and ("output_image", "output_video") in kinds  # two outputs
+    assert ("input_image", "output_audio", "output_video") in kinds  # the three-turn dialogue
+    turns = sorted({len(r["conversations"]) // 2 for r in inst})
+    assert turns == [1, 2, 3], turns
+    examples, problems = train.read_data(str(d / "instruct.json"), train.TrainConfig(stage=3), config)
+    longest = max(examples, key=lambda ex: len(ex.turns))
+    assert len(longest.turns) == 3 and len(longest.outputs) == 2 and len(longest.inputs) == 1
+    # the toy LLM's context holds the longest dialogue: at most a token per character (its sentencepiece pieces
+    # are one or more), with the template and the input's tokens
+    chars = sum(len(u) + len(r) + 40 for u, r in longest.turns)
+    assert chars < toy.llm_config(256).max_seq_len, chars
 
 
 def test_small_recipe_end_to_end(tmp_path):
@@ -142,6 +158,12 @@ def test_small_recipe_end_to_end(tmp_path):
     reply = result["reply"]  # measured on one machine: 100%, 12%, 25%
     assert reply["text -> image"] >= 0.6, reply
     assert np.mean([reply[t] for t in ("text -> image", "text -> video", "text -> audio")]) >= 0.3, reply
+    # every new task beats chance: in its accuracy or its reply's captions, or in a part of it: a dialogue's turns
+    # (the most generous chance of a turn: 1/9), a two-object scene's objects one at a time (1/12)
+    for task in toy.TASKS[8:]:
+        beats = max(reply[task], result["accuracy"][task]) > toy.CHANCE[task] or \
+            max(result["turns"].get(task, [0])) > 1 / 9 or result["objects"].get(task, 0) > 1 / 12
+        assert beats, (task, result)
     losses = json.load(open(os.path.join(tmp_path, "stage_losses.json")))
     assert losses["3"]["nll"] < losses["1"]["nll"], losses
     stage3 = toy.latest(toy.ToyConfig.small(out=str(tmp_path)), 3)
@@ -152,17 +174,24 @@ def test_small_recipe_end_to_end(tmp_path):
 def test_eval_draws_a_noise_per_prompt(tmp_path, monkeypatch):
     """--eval: every prompt starts from its own noise (one shared seed made each task's score one draw of noise)."""
     import nextgpt
-    seeds = []
+    seeds, histories = [], []
 
     class Fake:
-        def generate(self, prompt, seed=0, **kw):
+        def generate(self, prompt, seed=0, history=(), **kw):
             seeds.append(seed)
-            return {"text": "", "image": [], "video": [], "audio": []}
+            histories.append(list(history))
+            return {"text": "", "reply": prompt[::-1], "media": [], "image": [], "video": [], "audio": []}
     monkeypatch.setattr(nextgpt.NextGPT, "from_pretrained", classmethod(lambda cls, *a, **kw: Fake()))
     cfg = toy.ToyConfig.small(out=str(tmp_path), eval_n=2, eval_seed=100)
     acc = toy.evaluate(cfg, "unused")
-    assert seeds == list(range(100, 100 + 2 * len(toy.TASKS)))
+    turns = [len(dialogue) for _, dialogue in toy.eval_cases(cfg)]
+    assert seeds == [100 + k for k, n in enumerate(turns) for _ in range(n)]  # a dialogue's turns share their noise
     assert set(acc.values()) == {0.0}  # no output, no reply: nothing counts
+    # a dialogue's later turns see the earlier ones, with the model's own replies
+    i = turns.index(3)
+    third = histories[sum(turns[:i]) + 2]  # what the first three-turn dialogue's last turn sees
+    assert third[0][:2] == (toy.UNDERSTAND["image"], toy.UNDERSTAND["image"][::-1])
+    assert third[1][0].startswith("Now show it moving") and len(third) == 2
 
 
 def test_inflated_video_unet_starts_as_the_image_unet():
