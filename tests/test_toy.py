@@ -183,7 +183,7 @@ def test_eval_draws_a_noise_per_prompt(tmp_path, monkeypatch):
         def generate(self, prompt, seed=0, history=(), **kw):
             seeds.append(seed)
             histories.append(list(history))
-            return {"text": "", "reply": prompt[::-1], "media": [], "image": [], "video": [], "audio": []}
+            return {"text": "", "reply": prompt[::-1], "media": [], "runs": [], "image": [], "video": [], "audio": []}
     monkeypatch.setattr(nextgpt.NextGPT, "from_pretrained", classmethod(lambda cls, *a, **kw: Fake()))
     cfg = toy.ToyConfig.small(out=str(tmp_path), eval_n=2, eval_seed=100)
     acc = toy.evaluate(cfg, "unused")
