@@ -1188,7 +1188,8 @@ MEASURE = {"image": measure_image, "pair": measure_pair, "video": measure_video,
 def score_turn(out, captions, outputs):
     """-> (every expected output there and measured right, the reply's text exactly its captions (with outputs: the
     text before each output), the share of a two-object scene's objects right or None). The k-th expected output of a
-    modality is the reply's k-th of that modality ("pair": an image of two objects)."""
+    modality is the reply's k-th of that modality ("pair": an image of two objects). For a reply with several
+    outputs the third is the share of their captions right."""
     if outputs:
         reply_ok = [r["caption"].strip().rstrip(".") for r in out["runs"]] == captions
     else:
@@ -1202,6 +1203,9 @@ def score_turn(out, captions, outputs):
         ok = ok and measured == expected
         if m == "pair":
             objects = sum(measured[i] == expected[i] for i in (0, 1)) / 2 if measured else 0.0
+    if len(outputs) > 1:  # a reply with several outputs: the share of its outputs' captions right
+        said = [r["caption"].strip().rstrip(".") for r in out["runs"]] + [None] * len(captions)
+        objects = sum(a == b for a, b in zip(said, captions)) / len(captions)
     if not outputs and "left" in parse_caption(captions[0]):  # a two-object scene described: each object apart
         said, expected = parse_caption(out["text"]), parse_caption(captions[0])
         objects = sum(said.get(side) == expected[side] for side in ("left", "right")) / 2
@@ -1221,7 +1225,8 @@ def evaluate(cfg, ckpt):
     generation = generation_config(cfg)
     score = {t: [0, 0, 0] for t in TASKS}  # right / reply exact / count
     turn_score = {t: [] for t in TASKS}  # per turn of the dialogues: [right, ...] per dialogue
-    objects = {}  # the two-object tasks: the share of objects right (color, shape and side), per prompt
+    objects = {}  # per prompt: the share of a two-object scene's objects right (color, shape and side), or of a
+    # reply's output captions
     with tempfile.TemporaryDirectory() as d:
         for k, (task, dialogue) in enumerate(tqdm(eval_cases(cfg), desc="eval", mininterval=2)):
             history, all_ok, all_reply, per_turn = [], True, True, []
@@ -1253,7 +1258,7 @@ def evaluate(cfg, ckpt):
     objects = {t: sum(v) / len(v) for t, v in objects.items()}
     for t, (ok, rep, n) in score.items():
         each = f" (turns: {', '.join(f'{a:.0%}' for a in turns[t])})" if t in turns else \
-            f" (objects: {objects[t]:.0%})" if t in objects else ""
+            f" (objects: {objects[t]:.0%})" if t in objects and "two-object" in t else ""
         print(f"| {t} | {ok / n:.0%} ({ok}/{n}){each} | {rep / n:.0%} | {CHANCE[t]:.1%} | {TARGET[KIND[t]]:.0%} |")
     print(f"eval took {time.time() - t0:.0f} s")
     dump(os.path.join(cfg.out, "eval.json"), {"ckpt": ckpt, "accuracy": acc, "turns": turns, "objects": objects,
