@@ -45,6 +45,7 @@ REFERENCE_CAPTIONS = ("a photo of a dog running on the beach", "a red car parked
                       "on a wooden table", "a man playing the guitar on stage", "birds singing in a forest",
                       "waves crashing on the rocks", "a cat sleeping on a sofa", "fireworks over a river at night")
 
+
 def _with_paths(turn, folder):
     """A showcase turn with its media paths resolved against the checkpoint folder."""
     return {**turn, **{k: [os.path.join(folder, p) for p in turn[k]] for k in ("images", "videos", "audios")

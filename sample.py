@@ -161,7 +161,7 @@ def showcase(model, args):
     for k, entry in enumerate(model.showcase):
         history = []
         for j, turn in enumerate(entry.get("turns", [entry])):
-            tag = f"{k + 1}{'abcdefgh'[j] if 'turns' in entry else ''}_"  # 1_image.png, 5a_..., 5b_...
+            tag = f"{k + 1}{chr(ord('a') + j) if 'turns' in entry else ''}_"  # 1_image_0.png; a dialogue's 6a_, 6b_
             out = run(model, args, turn["prompt"], turn.get("images", ()), turn.get("audios", ()),
                       turn.get("videos", ()), turn.get("want", ()), tag=tag, history=history)
             history.append((turn["prompt"], out["reply"], out["media"]))

@@ -1194,7 +1194,7 @@ def score_turn(out, captions, outputs):
         reply_ok = [r["caption"].strip().rstrip(".") for r in out["runs"]] == captions
     else:
         reply_ok = out["text"].strip().rstrip(".") == captions[0]
-    seen, ok, objects = {}, True, None
+    seen, ok, part = {}, True, None
     for m, expected in outputs:
         key = "image" if m == "pair" else m
         k = seen[key] = seen.get(key, -1) + 1
@@ -1202,14 +1202,14 @@ def score_turn(out, captions, outputs):
         measured = got is not None and MEASURE[m](got.numpy() if m == "audio" else media.to_uint8(got))
         ok = ok and measured == expected
         if m == "pair":
-            objects = sum(measured[i] == expected[i] for i in (0, 1)) / 2 if measured else 0.0
+            part = sum(measured[i] == expected[i] for i in (0, 1)) / 2 if measured else 0.0
     if len(outputs) > 1:  # a reply with several outputs: the share of its outputs' captions right
         said = [r["caption"].strip().rstrip(".") for r in out["runs"]] + [None] * len(captions)
-        objects = sum(a == b for a, b in zip(said, captions)) / len(captions)
+        part = sum(a == b for a, b in zip(said, captions)) / len(captions)
     if not outputs and "left" in parse_caption(captions[0]):  # a two-object scene described: each object apart
         said, expected = parse_caption(out["text"]), parse_caption(captions[0])
-        objects = sum(said.get(side) == expected[side] for side in ("left", "right")) / 2
-    return (ok if outputs else reply_ok), reply_ok, objects
+        part = sum(said.get(side) == expected[side] for side in ("left", "right")) / 2
+    return (ok if outputs else reply_ok), reply_ok, part
 
 
 def evaluate(cfg, ckpt):
@@ -1225,7 +1225,7 @@ def evaluate(cfg, ckpt):
     generation = generation_config(cfg)
     score = {t: [0, 0, 0] for t in TASKS}  # right / reply exact / count
     turn_score = {t: [] for t in TASKS}  # per turn of the dialogues: [right, ...] per dialogue
-    objects = {}  # per prompt: the share of a two-object scene's objects right (color, shape and side), or of a
+    parts = {}  # per prompt: the share of a two-object scene's objects right (color, shape and side), or of a
     # reply's output captions
     with tempfile.TemporaryDirectory() as d:
         for k, (task, dialogue) in enumerate(tqdm(eval_cases(cfg), desc="eval", mininterval=2)):
@@ -1241,7 +1241,7 @@ def evaluate(cfg, ckpt):
                 history.append((prompt, out["reply"], out["media"]))
                 ok, reply_ok, right = score_turn(out, captions, outputs)
                 if right is not None:
-                    objects.setdefault(task, []).append(right)
+                    parts.setdefault(task, []).append(right)
                 all_ok, all_reply = all_ok and ok, all_reply and reply_ok
                 per_turn.append(ok)
             score[task][0] += all_ok
@@ -1255,13 +1255,13 @@ def evaluate(cfg, ckpt):
     print(f"\n{ckpt}: {cfg.eval_n} held-out prompts per task, {cfg.sample_steps} DDIM steps, guidance {cfg.guidance} "
           f"(video {cfg.video_guidance}), noise seeds {cfg.eval_seed} + prompt{int8}")
     print("| task | accuracy | reply caption exact | chance | target |\n| --- | --- | --- | --- | --- |")
-    objects = {t: sum(v) / len(v) for t, v in objects.items()}
+    parts = {t: sum(v) / len(v) for t, v in parts.items()}
     for t, (ok, rep, n) in score.items():
         each = f" (turns: {', '.join(f'{a:.0%}' for a in turns[t])})" if t in turns else \
-            f" (objects: {objects[t]:.0%})" if t in objects and "two-object" in t else ""
+            f" (objects: {parts[t]:.0%})" if t in parts and "two-object" in t else ""
         print(f"| {t} | {ok / n:.0%} ({ok}/{n}){each} | {rep / n:.0%} | {CHANCE[t]:.1%} | {TARGET[KIND[t]]:.0%} |")
     print(f"eval took {time.time() - t0:.0f} s")
-    dump(os.path.join(cfg.out, "eval.json"), {"ckpt": ckpt, "accuracy": acc, "turns": turns, "objects": objects,
+    dump(os.path.join(cfg.out, "eval.json"), {"ckpt": ckpt, "accuracy": acc, "turns": turns, "parts": parts,
                                               "reply": {t: s[1] / s[2] for t, s in score.items()}})
     return acc
 

@@ -163,10 +163,10 @@ def test_small_recipe_end_to_end(tmp_path):
     # time (1/12 for an object; a caption's is no higher)
     # Not two-object image -> text: at this size ImageBind (100 steps) does not tell two objects apart (measured: 0 of
     # 8, no object right), so it is only checked to be scored; the full recipe measures it (README.md, rung 4).
-    assert 0 <= result["objects"]["two-object image -> text"] <= 1
+    assert 0 <= result["parts"]["two-object image -> text"] <= 1
     for task in toy.TASKS[9:]:
         beats = max(reply[task], result["accuracy"][task]) > toy.CHANCE[task] or \
-            max(result["turns"].get(task, [0])) > 1 / 9 or result["objects"].get(task, 0) > 1 / 12
+            max(result["turns"].get(task, [0])) > 1 / 9 or result["parts"].get(task, 0) > 1 / 12
         assert beats, (task, result)
     losses = json.load(open(os.path.join(tmp_path, "stage_losses.json")))
     assert losses["3"]["nll"] < losses["1"]["nll"], losses
