@@ -1052,26 +1052,29 @@ def picture_lane(cfg, files, folder):
 # ----------------------------------------------------------------------------------------------------------------------
 # The three NExT-GPT stages: train.py, unchanged, on the toy folder
 
-def stage_commands(cfg):
-    """The train.py command lines of the recipe (printed by --recipe, run in-process through train.main)."""
+def stage_commands(cfg, order=(1, 2, 3), extra=None):
+    """The train.py command lines of the recipe (printed by --recipe, run in-process through train.main), one per
+    stage of order, each starting from the delta of the one before it (the official maintainers report having run
+    1, 3, 2). extra: {stage: [train.py arguments]} added after the recipe's (argparse keeps the last of an option,
+    so they override it): what experiments/ vary."""
     world = cfg.world or cfg.out
     d, ckpt, feats = os.path.join(world, "data"), os.path.join(world, "backbones"), os.path.join(cfg.out, "features")
     pairs = ",".join(os.path.join(d, f) for f in ("cc3m.json", "webvid.json", "audiocap.json"))
     inst = ",".join(os.path.join(d, f) for f in ("t2x.json", "instruct.json"))
     cmds = []
-    for k, data in enumerate((pairs, pairs, inst)):
-        stage = k + 1
-        args = [f"--stage={stage}", f"--ckpt={ckpt}", f"--data={data}", f"--features_dir={feats}",
-                f"--out_dir={os.path.join(cfg.out, f'stage{stage}')}", f"--epochs={cfg.stage_epochs[k]}",
-                f"--batch_size={cfg.stage_batch}", f"--lr={cfg.stage_lr[k]}", f"--seed={cfg.seed}", "--log_every=0",
+    for k, stage in enumerate(order):
+        args = [f"--stage={stage}", f"--ckpt={ckpt}", f"--data={(pairs, pairs, inst)[stage - 1]}",
+                f"--features_dir={feats}", f"--out_dir={os.path.join(cfg.out, f'stage{stage}')}",
+                f"--epochs={cfg.stage_epochs[stage - 1]}", f"--batch_size={cfg.stage_batch}",
+                f"--lr={cfg.stage_lr[stage - 1]}", f"--seed={cfg.seed}", "--log_every=0",
                 "--device=cpu"]  # --prepare does not resolve the default "auto" (train.py builds the model first)
         if stage == 1:
             args.append(f"--input_proj={cfg.input_proj}")
         if stage == 2:
             args.append(f"--denoise_weight={cfg.denoise}")
-        if stage > 1:
-            args.append(f"--delta={latest(cfg, stage - 1)}/nextgpt.safetensors")
-        cmds.append(args)
+        if k > 0:
+            args.append(f"--delta={latest(cfg, order[k - 1])}/nextgpt.safetensors")
+        cmds.append(args + list((extra or {}).get(stage, ())))
     return cmds
 
 
@@ -1081,12 +1084,15 @@ def latest(cfg, stage):
     return os.path.join(folder, open(path).read().strip() if os.path.isfile(path) else "step_<latest>")
 
 
-def run_stages(cfg):
-    """--prepare (ImageBind features and caption embeddings, once), then stages 1, 2, 3. -> {stage: final losses}."""
+def run_stages(cfg, order=(1, 2, 3), extra=None):
+    """--prepare (ImageBind features and caption embeddings, once), then the stages of order (from cfg.first_stage
+    on), as stage_commands says. -> {stage: final losses}; the last stage's checkpoint: latest(cfg, order[-1])."""
     path = os.path.join(cfg.out, "stage_losses.json")
     seconds = {int(k): v.get("seconds") for k, v in json.load(open(path)).items()} if os.path.isfile(path) else {}
-    for stage in range(cfg.first_stage, 4):
-        args = stage_commands(cfg)[stage - 1]
+    for k, stage in enumerate(order):
+        if stage < cfg.first_stage:
+            continue
+        args = stage_commands(cfg, order, extra)[k]
         print("python train.py " + " ".join(args), flush=True)
         t0 = time.time()
         shutil.rmtree(os.path.join(cfg.out, f"stage{stage}"), ignore_errors=True)  # train.py appends to its log
@@ -1100,6 +1106,8 @@ def stage_losses(cfg, seconds):
     """Each stage's losses, the mean over its last 10% of steps (from train.py's log) -> stage_losses.json."""
     out = {}
     for stage in (1, 2, 3):
+        if not os.path.isfile(os.path.join(cfg.out, f"stage{stage}", "log.jsonl")):
+            continue  # a stage the order left out
         with open(os.path.join(cfg.out, f"stage{stage}", "log.jsonl")) as f:
             rows = [json.loads(line) for line in f]
         tail = rows[-max(1, len(rows) // 10):]
@@ -1212,23 +1220,26 @@ def score_turn(out, captions, outputs):
     return (ok if outputs else reply_ok), reply_ok, part
 
 
-def evaluate(cfg, ckpt):
-    """Accuracy per task: understanding by exact match of the reply, generation by measuring the output media (an
-    output the model did not produce counts as wrong: no `want` forcing); a dialogue's later turns see the model's
-    own earlier replies, as in a chat, and the dialogue counts when every turn is right. Also whether the reply's
-    text is exactly the expected captions, to tell LLM failures from projector / decoder ones. -> {task: accuracy}"""
+def evaluate(cfg, ckpt, tasks=TASKS):
+    """Accuracy per task of tasks (default: all): understanding by exact match of the reply, generation by
+    measuring the output media (an output the model did not produce counts as wrong: no `want` forcing); a
+    dialogue's later turns see the model's own earlier replies, as in a chat, and the dialogue counts when every turn
+    is right. Also whether the reply's text is exactly the expected captions, to tell LLM failures from projector /
+    decoder ones. -> {task: accuracy}; OUT/eval.json has the per-turn, per-part and reply scores too."""
     t0 = time.time()
     model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu", keep_decoders=True)
     if cfg.quantize == "int8":  # as sample.py --quantize int8 does: LoRA folded in, then the LLM's weights in int8
         llm.merge_lora(model.llm)
         llm.quantize_int8(model.llm)
     generation = generation_config(cfg)
-    score = {t: [0, 0, 0] for t in TASKS}  # right / reply exact / count
-    turn_score = {t: [] for t in TASKS}  # per turn of the dialogues: [right, ...] per dialogue
+    score = {t: [0, 0, 0] for t in tasks}  # right / reply exact / count
+    turn_score = {t: [] for t in tasks}  # per turn of the dialogues: [right, ...] per dialogue
     parts = {}  # per prompt: the share of a two-object scene's objects right (color, shape and side), or of a
     # reply's output captions
     with tempfile.TemporaryDirectory() as d:
         for k, (task, dialogue) in enumerate(tqdm(eval_cases(cfg), desc="eval", mininterval=2)):
+            if task not in score:
+                continue  # k stays the prompt's place among all tasks': its noise does not depend on the others
             history, all_ok, all_reply, per_turn = [], True, True, []
             for j, (prompt, inp, captions, outputs) in enumerate(dialogue):
                 inputs = {}
