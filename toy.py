@@ -325,7 +325,8 @@ class ToyConfig:
     imagebind_steps: int = 2000  # ImageBind's (contrastive over image, video, audio and text)
     llm_steps: int = 400  # LLaMA's (next-token on the world's dialogues)
     vae_steps: int = 1000  # the image VAE's (the video decoder shares it)
-    unet_steps: int = 2500  # the image UNet's, with its CLIP text encoder
+    unet_steps: int = 4000  # the image UNet's, with its CLIP text encoder: the first unet_single_steps of them on
+    unet_single_steps: int = 2500  # one-object scenes only, where the video lane starts from (picture_lane says why)
     video_steps: int = 1500  # the video UNet's, from the image one (inflate): only the motion is left to learn
     motion_text_steps: int = 800  # the video text encoder's: a code per direction after the caption
     audio_vae_steps: int = 600  # the mel VAE's
@@ -350,9 +351,9 @@ class ToyConfig:
         """The CI size (tests/test_toy.py): every step of the recipe in ~2-3 minutes on 2 cores. The LLM side learns
         its dialogues; the backbones barely start, so media accuracies stay near chance at this size."""
         return replace(cls(per_image=8, pair_images=48, per_video=1, per_audio=8, eval_n=6, imagebind_steps=100,
-                           llm_steps=200, vae_steps=60, unet_steps=60, video_steps=20, motion_text_steps=50,
-                           audio_vae_steps=20, audio_steps=40, vocoder_steps=20, batch=16, stage_epochs=(6, 2, 4),
-                           stage_lr=(2e-3, 2e-3, 2e-3), sample_steps=10), **kw)
+                           llm_steps=200, vae_steps=60, unet_steps=60, unet_single_steps=30, video_steps=20,
+                           motion_text_steps=50, audio_vae_steps=20, audio_steps=40, vocoder_steps=20, batch=16,
+                           stage_epochs=(6, 2, 4), stage_lr=(2e-3, 2e-3, 2e-3), sample_steps=10), **kw)
 
 
 # the toy model's shape (every width small enough for a CPU)
@@ -731,7 +732,7 @@ def sampler(kind="image"):
                        if k != "_class_name"})
 
 
-def train_unet(cfg, kind, unet, text_encoder, z, captions, steps, log, train_text=True):
+def train_unet(cfg, kind, unet, text_encoder, z, captions, steps, log, train_text=True, desc=None):
     """
     Denoising (eps or v, as sampler(kind) says) on latents z (N, C, [F,] h, w), conditioned on the decoder's own text
     encoder. With train_text the text encoder learns together with the UNet (the official decoders come with theirs
@@ -775,9 +776,9 @@ def train_unet(cfg, kind, unet, text_encoder, z, captions, steps, log, train_tex
         out = unet(x_t, t, None, class_labels=cond) if kind == "audio" else unet(x_t, t, cond)
         return F.mse_loss(out, s.target(z0, noise, t)) + spread
 
+    unet.train().requires_grad_(True), text_encoder.train(train_text).requires_grad_(train_text)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
-    unet.train(), text_encoder.train(train_text)
-    fit(log, f"{kind} unet", steps, params, loss_fn, 2e-3, cfg.bar)
+    fit(log, desc or f"{kind} unet", steps, params, loss_fn, 2e-3, cfg.bar)
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
 
 
@@ -1029,22 +1030,32 @@ def understanding_lane(cfg, files, folder):
 
 
 def picture_lane(cfg, files, folder):
+    """
+    The image VAE (images and videos share it, as Zeroscope uses Stable Diffusion's), the image UNet and the video
+    UNet inflated from it. The image UNet learns the one-object scenes first, and the video lane starts from it there:
+    a UNet that has also learned the two-object captions attends to their words (which object goes where), not to the
+    tokens after the caption where the video text encoder puts the direction, and a video UNet inflated from it never
+    reads the direction (docs/toy-notes.md, experiments/video_decoder.py). Then the image UNet goes on with every scene.
+    """
     torch.set_num_threads(cfg.threads)
     log, t0 = {}, time.time()
-    # images and videos share one VAE (Zeroscope uses Stable Diffusion's too)
     img = torch.stack([torch.from_numpy(read_media("image", p)) for p, _ in files["image"]])
     vid = torch.stack([torch.from_numpy(read_media("video", p)) for p, _ in files["video"]])  # (N, F, H, W, 3)
     frames = pixels(vid).flatten(0, 1)  # (N * F, 3, H, W)
     vae = train_vae(cfg, torch.cat([pixels(img), frames[::2]]), cfg.vae_steps, "image vae", log,
                     salient=lambda x: F.max_pool2d((x.amax(1, keepdim=True) > -0.6).float(), 3, 1, 1) > 0)
-    unet, enc = train_unet(cfg, "image", *new_unet(cfg, "image"), latents(vae, pixels(img)),
-                           [c for _, c in files["image"]], cfg.unet_steps, log)
-    save_decoder(os.path.join(folder, "image"), "image", unet, vae, enc)
+    z, captions = latents(vae, pixels(img)), [c for _, c in files["image"]]
+    single = [i for i, c in enumerate(captions) if "left" not in parse_caption(c)]  # the one-object scenes
+    unet, enc = train_unet(cfg, "image", *new_unet(cfg, "image"), z[single], [captions[i] for i in single],
+                           cfg.unet_single_steps, log, desc="image unet, one object")
     video_caps = [c for _, c in files["video"]]
     video_enc = motion_text_encoder(cfg, enc, video_caps, log)  # its own text encoder, as Zeroscope's
     video, _ = train_unet(cfg, "video", inflate(cfg, unet), video_enc, video_latents(vae, vid), video_caps,
                           cfg.video_steps, log, train_text=False)
     save_decoder(os.path.join(folder, "video"), "video", video, vae, video_enc)
+    del video
+    unet, enc = train_unet(cfg, "image", unet, enc, z, captions, cfg.unet_steps - cfg.unet_single_steps, log)
+    save_decoder(os.path.join(folder, "image"), "image", unet, vae, enc)
     log["picture lane seconds"] = round(time.time() - t0)
     return log
 
