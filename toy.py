@@ -47,7 +47,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -1048,10 +1048,7 @@ def picture_lane(cfg, files, folder):
     single = [i for i, c in enumerate(captions) if "left" not in parse_caption(c)]  # the one-object scenes
     unet, enc = train_unet(cfg, "image", *new_unet(cfg, "image"), z[single], [captions[i] for i in single],
                            cfg.unet_single_steps, log, desc="image unet, one object")
-    video_caps = [c for _, c in files["video"]]
-    video_enc = motion_text_encoder(cfg, enc, video_caps, log)  # its own text encoder, as Zeroscope's
-    video, _ = train_unet(cfg, "video", inflate(cfg, unet), video_enc, video_latents(vae, vid), video_caps,
-                          cfg.video_steps, log, train_text=False)
+    video, video_enc = video_lane(cfg, vae, unet, enc, vid, [c for _, c in files["video"]], log)
     save_decoder(os.path.join(folder, "video"), "video", video, vae, video_enc)
     del video
     unet, enc = train_unet(cfg, "image", unet, enc, z, captions, cfg.unet_steps - cfg.unet_single_steps, log)
@@ -1060,14 +1057,23 @@ def picture_lane(cfg, files, folder):
     return log
 
 
+def video_lane(cfg, vae, image_unet, image_enc, clips, captions, log):
+    """The video decoder from the image one: its own text encoder, then the UNet inflated from the image UNet and
+    trained on the clips (N, F, H, W, 3) uint8 -> (video UNet, video text encoder)."""
+    video_enc = motion_text_encoder(cfg, image_enc, captions, log)  # its own text encoder, as Zeroscope's
+    video, _ = train_unet(cfg, "video", inflate(cfg, image_unet), video_enc, video_latents(vae, clips), captions,
+                          cfg.video_steps, log, train_text=False)
+    return video, video_enc
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The three NExT-GPT stages: train.py, unchanged, on the toy folder
 
 def stage_commands(cfg, order=(1, 2, 3), extra=None):
-    """The train.py command lines of the recipe (printed by --recipe, run in-process through train.main), one per
-    stage of order, each starting from the delta of the one before it (the official maintainers report having run
-    1, 3, 2). extra: {stage: [train.py arguments]} added after the recipe's (argparse keeps the last of an option,
-    so they override it): what experiments/ vary."""
+    """The train.py command lines of the recipe (run_stages prints them and runs them in-process, through
+    train.main), one per stage of order, each starting from the delta of the one before it (the official maintainers
+    report having run 1, 3, 2). extra: {stage: [train.py arguments]} added after the recipe's (argparse keeps the
+    last of an option, so they override it): what experiments/ vary."""
     world = cfg.world or cfg.out
     d, ckpt, feats = os.path.join(world, "data"), os.path.join(world, "backbones"), os.path.join(cfg.out, "features")
     pairs = ",".join(os.path.join(d, f) for f in ("cc3m.json", "webvid.json", "audiocap.json"))
@@ -1100,9 +1106,10 @@ def run_stages(cfg, order=(1, 2, 3), extra=None):
     on), as stage_commands says. -> {stage: final losses}; the last stage's checkpoint: latest(cfg, order[-1])."""
     path = os.path.join(cfg.out, "stage_losses.json")
     seconds = {int(k): v.get("seconds") for k, v in json.load(open(path)).items()} if os.path.isfile(path) else {}
+    start = order.index(cfg.first_stage) if cfg.first_stage in order else 0
     for k, stage in enumerate(order):
-        if stage < cfg.first_stage:
-            continue
+        if k < start:
+            continue  # its checkpoint is in out/ already (--first-stage)
         args = stage_commands(cfg, order, extra)[k]
         print("python train.py " + " ".join(args), flush=True)
         t0 = time.time()
@@ -1110,15 +1117,13 @@ def run_stages(cfg, order=(1, 2, 3), extra=None):
         train.main(["--prepare"] + [a for a in args if not a.startswith("--delta")])
         train.main(args)
         seconds[stage] = round(time.time() - t0)
-    return stage_losses(cfg, seconds)
+    return stage_losses(cfg, seconds, order)
 
 
-def stage_losses(cfg, seconds):
+def stage_losses(cfg, seconds, order=(1, 2, 3)):
     """Each stage's losses, the mean over its last 10% of steps (from train.py's log) -> stage_losses.json."""
     out = {}
-    for stage in (1, 2, 3):
-        if not os.path.isfile(os.path.join(cfg.out, f"stage{stage}", "log.jsonl")):
-            continue  # a stage the order left out
+    for stage in order:
         with open(os.path.join(cfg.out, f"stage{stage}", "log.jsonl")) as f:
             rows = [json.loads(line) for line in f]
         tail = rows[-max(1, len(rows) // 10):]
@@ -1237,6 +1242,9 @@ def evaluate(cfg, ckpt, tasks=TASKS):
     dialogue's later turns see the model's own earlier replies, as in a chat, and the dialogue counts when every turn
     is right. Also whether the reply's text is exactly the expected captions, to tell LLM failures from projector /
     decoder ones. -> {task: accuracy}; OUT/eval.json has the per-turn, per-part and reply scores too."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"toy.evaluate: no task {unknown[0]!r}; the tasks are toy.TASKS: {', '.join(TASKS)}")
     t0 = time.time()
     model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu", keep_decoders=True)
     if cfg.quantize == "int8":  # as sample.py --quantize int8 does: LoRA folded in, then the LLM's weights in int8
@@ -1436,6 +1444,12 @@ def parse(argv):
         if getattr(cfg, name) not in allowed:
             p.error(f"--{name.replace('_', '-')} must be one of {', '.join(map(repr, allowed))}, not "
                     f"{getattr(cfg, name)!r}")
+    for f in fields(cfg):
+        if f.name.endswith("_steps") and getattr(cfg, f.name) < 1:
+            p.error(f"--{f.name.replace('_', '-')} must be at least 1, not {getattr(cfg, f.name)}")
+    if cfg.unet_single_steps >= cfg.unet_steps:
+        p.error(f"--unet-single-steps ({cfg.unet_single_steps}) must be below --unet-steps ({cfg.unet_steps}): the "
+                "image UNet goes on with every scene after them")
     for name in ("stage_epochs", "stage_lr"):
         if len(getattr(cfg, name)) != 3:
             p.error(f"--{name.replace('_', '-')} takes one value per stage, 3 in all")

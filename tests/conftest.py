@@ -25,3 +25,16 @@ def tiny_sp_model(tmp_path_factory):
                                    pad_id=-1, user_defined_symbols=["###", "\n"], normalization_rule_name="identity",
                                    remove_extra_whitespaces=False, minloglevel=2)
     return str(d / "tok.model")
+
+
+@pytest.fixture(scope="session")
+def small_recipe(tmp_path_factory):
+    """The whole toy recipe at CI size (toy.py --small --recipe: world, backbones, stages 1-3, eval), run once: its
+    test (tests/test_toy.py) reads the outputs, and experiments/ run on its world (data/ and backbones/). In its own
+    process, so that toy.py's settings (one torch thread, its seed, its SIGTERM handler) stay out of the other tests."""
+    import subprocess
+    out = tmp_path_factory.mktemp("small_recipe")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "toy.py"), f"--out={out}", "--small", "--recipe"], cwd=root,
+                   check=True)
+    return str(out)

@@ -147,13 +147,13 @@ def test_data_files_read_by_train(tmp_path):
     assert chars < toy.llm_config(256).max_seq_len, chars
 
 
-def test_small_recipe_end_to_end(tmp_path):
+def test_small_recipe_end_to_end(small_recipe):
     """The whole recipe at CI size: world, backbones, train.py stages 1-3 (prepare included), evaluation of every
     task. At this size the backbones barely train, so what must beat chance by a clear margin is what the stages
     teach in a minute: the replies to generation prompts name the right caption (chance 1/12, 1/48, 1/9), and every
     new task (two objects, two outputs, dialogues) beats chance somewhere."""
-    toy.main([f"--out={tmp_path}", "--small", "--recipe"])
-    result = json.load(open(os.path.join(tmp_path, "eval.json")))
+    out = small_recipe  # python toy.py --out=... --small --recipe, run once (tests/conftest.py)
+    result = json.load(open(os.path.join(out, "eval.json")))
     assert set(result["accuracy"]) == set(toy.TASKS)
     reply = result["reply"]  # measured on one machine: 100%, 12%, 25%
     assert reply["text -> image"] >= 0.6, reply
@@ -168,9 +168,9 @@ def test_small_recipe_end_to_end(tmp_path):
         beats = max(reply[task], result["accuracy"][task]) > toy.CHANCE[task] or \
             max(result["turns"].get(task, [0])) > 1 / 9 or result["parts"].get(task, 0) > 1 / 12
         assert beats, (task, result)
-    losses = json.load(open(os.path.join(tmp_path, "stage_losses.json")))
+    losses = json.load(open(os.path.join(out, "stage_losses.json")))
     assert losses["3"]["nll"] < losses["1"]["nll"], losses
-    stage3 = toy.latest(toy.ToyConfig.small(out=str(tmp_path)), 3)
+    stage3 = toy.latest(toy.ToyConfig.small(out=str(out)), 3)
     with open(os.path.join(stage3, "nextgpt.json")) as f:  # the toy's generation settings, through train.py
         assert json.load(f)["generation"] == toy.generation_config(toy.ToyConfig.small()).changes()
 
