@@ -252,17 +252,17 @@ def test_video_probe_on_the_shipped_decoder(probe):
     """--probe-video on the shipped video decoder: the caption's color and shape reach the UNet (the true caption's
     loss is far below the unconditional one wherever the clip is not drowned in noise)."""
     assert sorted(probe) == [50, 200, 400, 600, 800, 950]
-    for t in (50, 200, 400, 600):  # measured (48 clips): 1.86x, 2.15x, 2.60x, 2.29x
-        assert probe[t]["unconditional"] > 1.5 * probe[t]["true"], probe[t]
+    for t in (50, 200, 400, 600):  # measured (48 clips): 1.52x, 1.92x, 2.38x, 2.05x
+        assert probe[t]["unconditional"] > 1.3 * probe[t]["true"], probe[t]
 
 
-@pytest.mark.xfail(strict=True, reason="the second edition's video decoder does not read the direction: the true and "
-                   "the opposite caption cost the same (0.185 / 0.186 at t = 800); README.md, rung 4")
 def test_video_probe_sees_the_direction(probe):
     """The caption's direction reaches the UNet: the same caption with the opposite direction costs clearly more at
-    high noise, where the layout is decided (the first edition's decoder: 2.40x and 1.67x at t = 800 and 950)."""
+    high noise, where the layout is decided (measured on the shipped decoder, 48 clips: 2.50x and 1.69x at t = 800
+    and 950; the first edition's: 2.40x and 1.67x; the second edition's first, inflated from an image UNet that had
+    learned the two-object captions too: 1.00x, docs/toy-notes.md)."""
     for t in (800, 950):
-        assert probe[t]["opposite"] > 1.5 * probe[t]["true"], probe[t]
+        assert probe[t]["opposite"] > 1.4 * probe[t]["true"], probe[t]
 
 
 def test_lane_workers_die_with_toy_py(tmp_path):
