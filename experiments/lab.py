@@ -81,7 +81,7 @@ def setup(args, name, seeds, small_seeds=(0,)):
     if not os.path.isfile(manifest):
         if not args.small or args.world:
             sys.exit(f"experiments/{name}.py: no toy world in {world} ({manifest} is missing): build it with "
-                     f"`python toy.py --out={world}` (about 40 minutes on 2 cores), pass --world=DIR, or run --small")
+                     f"`python toy.py --out={world}` (about 55 minutes on 2 cores), pass --world=DIR, or run --small")
         print(f"building the small world in {world} (once)", flush=True)
         toy.main([f"--out={world}", "--small"])
     forget_other_worlds(args.out, world)
