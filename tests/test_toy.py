@@ -253,7 +253,7 @@ def test_video_probe_on_the_shipped_decoder(probe):
     loss is far below the unconditional one wherever the clip is not drowned in noise)."""
     assert sorted(probe) == [50, 200, 400, 600, 800, 950]
     for t in (50, 200, 400, 600):  # measured (48 clips): 1.52x, 1.92x, 2.38x, 2.05x
-        assert probe[t]["unconditional"] > 1.3 * probe[t]["true"], probe[t]
+        assert probe[t]["unconditional"] > 1.5 * probe[t]["true"], probe[t]
 
 
 def test_video_probe_sees_the_direction(probe):
@@ -262,7 +262,7 @@ def test_video_probe_sees_the_direction(probe):
     and 950; the first edition's: 2.40x and 1.67x; the second edition's first, inflated from an image UNet that had
     learned the two-object captions too: 1.00x, docs/toy-notes.md)."""
     for t in (800, 950):
-        assert probe[t]["opposite"] > 1.4 * probe[t]["true"], probe[t]
+        assert probe[t]["opposite"] > 1.5 * probe[t]["true"], probe[t]
 
 
 def test_lane_workers_die_with_toy_py(tmp_path):
