@@ -97,8 +97,10 @@ def _llama_pair(seed=0):
 
 
 @torch.no_grad()
-def bench_llama(repeats=5):
+def bench_llama(repeats=5, dtype=torch.float32):
     ref, ours = _llama_pair()
+    ref, ours = ref.to(dtype), ours.to(dtype)
+    kind = str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")  # fp32, bf16
     n_params = sum(p.numel() for p in ours.parameters()) / 1e6
     prompt = torch.randint(3, 32000, (1, 512))
 
@@ -117,8 +119,8 @@ def bench_llama(repeats=5):
     def ref_decode():
         ref.generate(short, max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
 
-    rows = [side_by_side(f"llama {n_params:.0f}M fp32 cpu: prefill 512 tokens", ours_prefill, ref_prefill, repeats),
-            side_by_side(f"llama {n_params:.0f}M fp32 cpu: decode 128 tokens (16-token prompt)", ours_decode,
+    rows = [side_by_side(f"llama {n_params:.0f}M {kind} cpu: prefill 512 tokens", ours_prefill, ref_prefill, repeats),
+            side_by_side(f"llama {n_params:.0f}M {kind} cpu: decode 128 tokens (16-token prompt)", ours_decode,
                          ref_decode, max(2, repeats // 2))]
     rows[0]["extra"] = f"{512 / rows[0]['ours']:.0f} vs {512 / rows[0]['ref']:.0f} tokens/s"
     rows[1]["extra"] = f"{128 / rows[1]['ours']:.1f} vs {128 / rows[1]['ref']:.1f} tokens/s"
@@ -126,7 +128,8 @@ def bench_llama(repeats=5):
 
 
 def bench_llama_load_memory():
-    """Peak resident memory of from_pretrained over the process's memory before loading, / the file's size."""
+    """Peak resident memory of from_pretrained and one 16-token forward over the process's memory before loading,
+    / the file's size (each side in a fresh process: tests/reference.py measure_load)."""
     import reference
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
@@ -143,7 +146,7 @@ def bench_llama_load_memory():
             if out.returncode:
                 raise RuntimeError(out.stderr)
             grown[who] = int(out.stdout.strip().splitlines()[-1])
-    return [dict(name=f"llama from_pretrained peak memory, {size / 2**30:.2f} GiB safetensors",
+    return [dict(name=f"llama from_pretrained + forward peak memory, {size / 2**30:.2f} GiB safetensors",
                  ours=grown["ours"] / size, ref=grown["transformers"] / size,
                  ratio=grown["transformers"] / grown["ours"],
                  unit="x file", extra=f"{grown['ours'] / 2**20:.0f} MiB vs {grown['transformers'] / 2**20:.0f} MiB")]
@@ -240,7 +243,7 @@ def bench_imagebind(repeats=5, width=512, layers=12, heads=8, batch=8):
 # Decoders (issue 4)
 
 @torch.no_grad()
-def bench_unet(repeats=5):
+def bench_unet(repeats=5, dtype=torch.float32):
     """UNet2D forward in the SD 1.5 layout at reduced width: (64, 128, 256, 256), context 77 x 768, 32 x 32, batch 2."""
     import reference
     torch.manual_seed(0)
@@ -249,8 +252,10 @@ def bench_unet(repeats=5):
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         ours = decoders.UNet2D.from_pretrained(d)
-    x, ctx, t = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 768), torch.tensor(500)
-    return [side_by_side("unet2d SD-layout w64 32x32 B2 forward", lambda: ours(x, t, ctx),
+    ref, ours = ref.to(dtype), ours.to(dtype)
+    x, ctx, t = torch.randn(2, 4, 32, 32, dtype=dtype), torch.randn(2, 77, 768, dtype=dtype), torch.tensor(500)
+    kind = "" if dtype == torch.float32 else " " + str(dtype).removeprefix("torch.")
+    return [side_by_side(f"unet2d SD-layout w64 32x32 B2 forward{kind}", lambda: ours(x, t, ctx),
                          lambda: ref(x, t, encoder_hidden_states=ctx), repeats)]
 
 
@@ -724,7 +729,9 @@ def _train_steps(model, folder, run, stages):
 
 
 BENCHES = {"llama": bench_llama, "llama-load-memory": bench_llama_load_memory, "llama-int8": bench_llama_int8,
-           "imagebind": bench_imagebind, "unet": bench_unet, "image-pipeline": bench_image_pipeline}
+           "llama-bf16": lambda repeats: bench_llama(repeats, torch.bfloat16), "imagebind": bench_imagebind,
+           "unet": bench_unet, "unet-bf16": lambda repeats: bench_unet(repeats, torch.bfloat16),
+           "image-pipeline": bench_image_pipeline}
 
 
 def main(argv=None):

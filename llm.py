@@ -290,7 +290,10 @@ class LLaMA(nn.Module):
             json.dump(hf, f, indent=1)
         sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()
               if not (c.tie_embeddings and k == "lm_head.weight")}
-        save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        path = os.path.join(folder, "model.safetensors")
+        # written beside, then renamed: a model loaded from this very file is a view of it (weights.load_file)
+        save_file(sd, path + ".partial", metadata={"format": "pt"})
+        os.replace(path + ".partial", path)
         if tokenizer_model:
             shutil.copy(tokenizer_model, os.path.join(folder, "tokenizer.model"))
 

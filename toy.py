@@ -905,7 +905,9 @@ def train_vocoder(cfg, waves, mels, log):
 
 def save_safetensors(module, path, rename=lambda k: k):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_file({rename(k): v.detach().contiguous() for k, v in module.state_dict().items()}, path)
+    # written beside, then renamed: a module loaded from this very file is a view of it (weights.load_file)
+    save_file({rename(k): v.detach().contiguous() for k, v in module.state_dict().items()}, path + ".partial")
+    os.replace(path + ".partial", path)
 
 
 CLAP_OFFICIAL = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",

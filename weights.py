@@ -3,7 +3,7 @@ Reading official checkpoints: the one small piece that llm.py, encoder.py and de
 
 Every official file we load goes through here, so the rules are written once:
 - never unpickle arbitrary objects: `.bin` / `.pt` / `.pth` go through `torch.load(weights_only=True, mmap=True)`;
-- memory-lean: safetensors are read tensor by tensor straight into place, `.bin` files are memory-mapped, and `place`
+- memory-lean: files are memory-mapped (a safetensors tensor that must be cast is read straight into place), and `place`
   puts each tensor into the model as it is (no `copy_` into a second, randomly initialised buffer); models are built
   on the meta device;
 - strict: every tensor of the file is used and every tensor of the model is filled, shapes checked, and anything
@@ -53,19 +53,32 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 def _read_safetensors(path, dtype, device):
     """
     The safetensors format is an 8-byte header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
-    raw little-endian bytes. Reading each tensor straight into its own buffer (no mmap, no staging copy) keeps the
-    peak memory at the size of the result, plus one tensor when casting.
+    raw little-endian bytes. A tensor kept as it is in the file (no cast, no move) is a view of the file mapped
+    copy-on-write, as transformers and torch.load(mmap=True) do: nothing is read until it is used, and the pages are
+    the page cache's. One that is cast or moved is read straight into its own buffer instead (no staging copy), so
+    that the peak stays the size of the result, plus one tensor while casting.
     """
-    out = {}
+    out, size = {}, os.path.getsize(path)
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
         header.pop("__metadata__", None)
+        mapped = None
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = info["data_offsets"]
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, which we do not read")
-            t = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            file_dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            if 8 + n + end > size:
+                raise CheckpointError(f"{path} is truncated (tensor {name}); download it again")
+            kept = dtype is None or dtype == file_dtype or not file_dtype.is_floating_point  # _cast leaves it
+            as_is = kept and torch.device(device or "cpu").type == "cpu"
+            if as_is and end > start and (8 + n + start) % file_dtype.itemsize == 0:
+                if mapped is None:  # MAP_PRIVATE: writes to these tensors (training) never reach the file
+                    mapped = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
+                out[name] = mapped[8 + n + start:8 + n + end].view(file_dtype).view(info["shape"])
+                continue
+            t = torch.empty(info["shape"], dtype=file_dtype)
             if end > start:
                 f.seek(8 + n + start)
                 buf = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes, written in place

@@ -48,22 +48,28 @@ def sd_pipeline(unet, vae, scheduler_config):
 
 
 def measure_load(folder, who, warmup_folder):
-    """Print how much the resident memory peaks over the process's before loading folder (bench.py runs this in a
-    fresh process). The warm-up load pays the imports and the loading path's code pages before the baseline."""
-    import resource
-
+    """
+    Print how much the resident memory peaks over the process's before loading folder and running one 16-token
+    forward (bench.py runs this in a fresh process). The forward is part of it because both sides memory-map the file:
+    a weight is resident once it is used, not when from_pretrained returns. The warm-up load pays the imports and the
+    loading path's code pages before the baseline. Peak: VmHWM of /proc/self/status, reset at the baseline through
+    /proc/self/clear_refs (ru_maxrss would also count the parent's resident set at the fork).
+    """
     import llm
 
-    def rss():  # resident set now, bytes
+    def status(key):  # bytes
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) * 1024
 
     load = llm.LLaMA.from_pretrained if who == "ours" else load_llama
     load(warmup_folder)
-    before = rss()
-    load(folder)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # VmHWM: the peak over the process's life
-    print(peak - before)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # peak RSS := current RSS
+    before = status("VmRSS")
+    model = load(folder)
+    with torch.no_grad():
+        model(torch.arange(1, 17)[None])
+    print(status("VmHWM") - before)
 
 
 if __name__ == "__main__":  # python tests/reference.py FOLDER ours|transformers WARMUP_FOLDER

@@ -1,5 +1,7 @@
 """weights.py: our safetensors reader against the safetensors library, and the strict placement's errors."""
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -22,6 +24,24 @@ def test_safetensors_reader_equals_the_library(tmp_path):
         assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape and torch.equal(ours[k], ref[k]), k
     cast = weights.load_file(path, dtype=torch.float16)
     assert cast["f32"].dtype == torch.float16 and cast["i64"].dtype == torch.int64  # only floats are cast
+
+
+def _rss_file_kib():  # file-backed resident pages of this process (Linux), KiB
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status (Linux)")
+def test_safetensors_kept_as_is_are_mapped_lazily_and_copy_on_write(tmp_path):
+    path = str(tmp_path / "m.safetensors")
+    save_file({"w": torch.ones(64, 2**16), "b": torch.arange(4)}, path)  # w: 16 MiB of float32
+    before, on_disk = _rss_file_kib(), open(path, "rb").read()
+    sd = weights.load_file(path)
+    assert _rss_file_kib() - before < 4096  # nothing read yet: a view of the mapped file
+    assert sd["w"].sum() == 64 * 2**16 and _rss_file_kib() - before > 12 * 1024  # read when used
+    sd["w"].add_(1)  # training writes into its own copy of the pages, never into the file
+    assert open(path, "rb").read() == on_disk and torch.equal(weights.load_file(path)["w"], torch.ones(64, 2**16))
+    assert weights.load_file(path, dtype=torch.float16)["w"].dtype == torch.float16  # a cast is read, not mapped
 
 
 def test_truncated_safetensors(tmp_path):
