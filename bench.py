@@ -32,6 +32,8 @@ The full-scale dry run: the released model at its real sizes, with random weight
    signal tokens: NLL, alignment and the latent denoising loss through the image UNet), stage 3 (LoRA and gradient
    checkpointing; an image in, an image out). Their checkpoints (~2 GB each at full size) are removed afterwards
    unless --keep-train.
+4. The LLM's decode speed: 16 tokens (--decode) in bfloat16, then again after llm.quantize_int8, each as tokens/s and
+   as a fraction of the memory-bandwidth roofline (one matrix-vector product over 1 GiB, measured then).
 
 It prints one line per stage as it ends: its time, its peak resident memory (VmHWM from /proc/self/status, reset
 through /proc/self/clear_refs at the stage's start, so that it is the peak of the process during that stage, all it
@@ -53,6 +55,7 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn as nn
 
 import bpe
 import cli
@@ -306,6 +309,7 @@ class DryRun:
     max_new_tokens: int = 8  # reply tokens; the three signal runs are forced in after them
     train: bool = True  # one train.py step of each stage after the generation
     keep_train: bool = False  # keep the training checkpoints (about 2 GB per stage at full size)
+    decode: int = 16  # last, LLM decode speed: this many tokens in dtype, then with llm.quantize_int8 (0: skip)
 
     @classmethod
     def preset(cls, scale):
@@ -680,6 +684,8 @@ def full_scale(folder, run=None, log=print):
     gc.collect()
     if run.train:
         _train_steps(model, folder, run, stages)
+    if run.decode:
+        _decode_stages(model.llm, run, stages)
     total = sum(r[1] for r in stages.rows)
     peaks = [r[2] for r in stages.rows if r[2] is not None]
     log(f"total {total:.0f} s; the highest peak {max(peaks) / 2**30:.2f} GiB" if peaks else f"total {total:.0f} s")
@@ -693,6 +699,53 @@ def full_scale(folder, run=None, log=print):
         log(f"| {name} | {secs:.1f} s | " + (f"{peak / 2**30:.2f} GiB |" if peak is not None else "n/a |") +
             (f" {gpu_peak / 2**30:.2f} GiB |" if gpu else ""))
     return stages.rows
+
+
+def _matvec_gbs(dtype, device, nbytes=2**30):
+    """The memory-bandwidth roofline: GB/s of one matrix-vector product over a weight of nbytes (far past the caches,
+    so its size no longer matters), median of 5."""
+    w = torch.randn(nbytes // (4096 * dtype.itemsize), 4096, device=device, dtype=dtype)
+    x = torch.randn(1, 4096, device=device, dtype=dtype)
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        if w.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return w.numel() * dtype.itemsize / statistics.median(times[1:]) / 1e9
+
+
+@torch.no_grad()
+def _decode_stages(lm, run, stages):
+    """
+    The LLM's decode speed at this size: run.decode tokens after a 16-token prompt (the prefill not counted), in the
+    loaded dtype, then again after llm.quantize_int8 (stage 3's LoRA merged first). Each against the roofline: the
+    bytes of the weights a token reads (every Linear; the embedding reads one row) at _matvec_gbs's rate, that of the
+    dtype (int8: float32's, as bench_llama_int8).
+    """
+    if any(isinstance(m, llm.LoRALinear) for m in lm.modules()):
+        llm.merge_lora(lm)
+    lm.eval()
+    device, dtype = lm.lm_head.weight.device, lm.lm_head.weight.dtype
+    prompt = torch.randint(3, lm.config.vocab_size, (1, 16), device=device)
+    for kind in (str(dtype).removeprefix("torch."), "int8"):
+        name = f"decode {run.decode} tokens, {kind}" + (" (llm.quantize_int8 first)" if kind == "int8" else "")
+        gbs = _matvec_gbs(torch.float32 if kind == "int8" else dtype, device)  # before: not in the stage's peak
+        gc.collect()
+        with stages(name) as s:
+            if kind == "int8":
+                llm.quantize_int8(lm)
+            stream = lm.stream(prompt, max_new_tokens=run.decode + 1)
+            next(stream)  # the prefill and its token
+            t0 = time.perf_counter()
+            n = sum(1 for _ in stream)
+            rate = n / (time.perf_counter() - t0)
+            read = sum(t.numel() * t.element_size() for m in lm.modules() if isinstance(m, (nn.Linear, llm.Int8Linear))
+                       for t in (m.weight, getattr(m, "scale", None)) if t is not None)
+            s.extra = (f"{rate:.2f} tokens/s; {read / 1e9:.2f} GB of weights a token: {rate * read / 1e9 / gbs:.0%} "
+                       f"of the roofline ({gbs:.1f} GB/s, one matrix-vector product over 1 GiB"
+                       f"{' of float32' if kind == 'int8' else ''})")
 
 
 def _train_steps(model, folder, run, stages):
@@ -739,6 +792,8 @@ def main(argv=None):
     p.add_argument("--only", default="", metavar="TEXT", help=f"run the entries whose name contains this: "
                    f"{', '.join(BENCHES)} (default: all)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of each side; the median counts (default: 5)")
+    p.add_argument("--runs", type=int, default=1, help="run every entry this many times, one after the other, then "
+                   "print a Markdown table of each run's ratio (default: 1)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help=f"torch threads (default: {torch.get_num_threads()}, this machine's)")
     p.add_argument("--full-scale", metavar="DIR", help="the full-scale dry run instead of the entries: write random "
@@ -747,8 +802,9 @@ def main(argv=None):
     cli.add_config_options(p, DryRun)
     args = vars(p.parse_args(cli.underscores_to_dashes(sys.argv[1:] if argv is None else argv)))
     full, only, repeats, threads = args.pop("full_scale"), args.pop("only"), args.pop("repeats"), args.pop("threads")
-    if repeats < 1 or threads < 1:
-        p.error(f"--repeats and --threads must be positive integers (got {repeats}, {threads})")
+    runs = args.pop("runs")
+    if repeats < 1 or threads < 1 or runs < 1:
+        p.error(f"--repeats, --threads and --runs must be positive integers (got {repeats}, {threads}, {runs})")
     try:
         scale = cli.parse_value(args.get("scale", "official"), "official", "scale")
         run = cli.config_from(DryRun, args, base=DryRun.preset(scale))
@@ -766,16 +822,31 @@ def main(argv=None):
     if full:
         full_scale(full, run)
         return
-    print(f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} cores, "
-          f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
-    print(f"{'entry':<70} {'ours':>10} {'reference':>10} {'ratio':>7}")
-    for name, fn in BENCHES.items():
-        if only not in name:
-            continue
-        kw = {"repeats": repeats} if "repeats" in fn.__code__.co_varnames else {}
-        for row in fn(**kw):
-            print(f"{row['name']:<70} {row['ours']:>9.3f}{row['unit'][0]} {row['ref']:>9.3f}{row['unit'][0]} "
-                  f"{row['ratio']:>6.2f}x  {row.get('extra', '')}", flush=True)
+    machine = (f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} cores, "
+               f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    print(machine)
+    t0, table = time.perf_counter(), {}  # entry -> its rows, one a run
+    for run in range(runs):
+        print(f"{'entry' + (f' (run {run + 1} of {runs})' if runs > 1 else ''):<70} {'ours':>10} {'reference':>10} "
+              f"{'ratio':>7}")
+        for name, fn in BENCHES.items():
+            if only not in name:
+                continue
+            kw = {"repeats": repeats} if "repeats" in fn.__code__.co_varnames else {}
+            for row in fn(**kw):
+                table.setdefault(row["name"], []).append(row)
+                print(f"{row['name']:<70} {row['ours']:>9.3f}{row['unit'][0]} {row['ref']:>9.3f}{row['unit'][0]} "
+                      f"{row['ratio']:>6.2f}x  {row.get('extra', '')}", flush=True)
+    if runs > 1:  # README's table: the last run's figures, and the ratio of every run
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        print(f"\n{machine}, {runs} runs in {time.perf_counter() - t0:.0f} s, {day}"
+              f"\n\n| entry | ours | reference | ratio, run " + ", ".join(map(str, range(1, runs + 1))) +
+              " |\n| --- | --- | --- | --- |")
+        for name, rows in table.items():
+            last = rows[-1]
+            unit = " " + last["unit"] if last["unit"] != "s" else " s"
+            print(f"| {name} | {last['ours']:.3f}{unit} | {last['ref']:.3f}{unit} | "
+                  + ", ".join(f"{r['ratio']:.2f}x" for r in rows) + " |")
 
 
 if __name__ == "__main__":

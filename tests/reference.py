@@ -31,6 +31,7 @@ def vit(**kw):
 
 
 def unet(**config):
+    diffusers.utils.logging.set_verbosity_error()  # its note on .to(bfloat16) (bench.py's unet-bf16 entry)
     return diffusers.UNet2DConditionModel(**config).eval()
 
 

@@ -25,7 +25,8 @@ def test_the_dry_run_at_tiny_size_prints_every_stage(tmp_path):
     stages = ["write vicuna-7b-v0", "write imagebind_huge.pth", "write nextgpt_7b_tiva_v0/pytorch_model.pt",
               "write stable-diffusion-v1-5", "write zeroscope_v2_576w", "write audioldm-l-full",
               "NextGPT.from_pretrained, bfloat16", "generate: image+audio+video in, all out",
-              "train.py stage 1, one step", "train.py stage 2, one step", "train.py stage 3, one step"]
+              "train.py stage 1, one step", "train.py stage 2, one step", "train.py stage 3, one step",
+              "decode 16 tokens, bfloat16", "decode 16 tokens, int8 (llm.quantize_int8 first)"]
     lines = r.stdout.splitlines()
     for stage in stages:
         row = next((ln for ln in lines if ln.startswith(stage)), None)
@@ -34,6 +35,8 @@ def test_the_dry_run_at_tiny_size_prints_every_stage(tmp_path):
     gen = next(ln for ln in lines if ln.startswith("generate"))
     assert "'image': (3, 32, 32), 'video': (2, 3, 32, 32), 'audio': (3200,)" in gen
     assert "denoise" in next(ln for ln in lines if ln.startswith("train.py stage 2"))
+    for kind in ("bfloat16", "int8"):
+        assert "tokens/s" in next(ln for ln in lines if ln.startswith(f"decode 16 tokens, {kind}"))
 
     dry = tmp_path / "dry"
     # Vicuna v0 as FastChat v0.1.10 left it: two fp16 .bin shards + index, inv_freq buffers, the 2023 config
