@@ -15,6 +15,7 @@ The full-scale dry run: the released model at its real sizes, with random weight
     python bench.py --full-scale /data/dry                  # the official sizes: writes ~26 GB, then runs
     python bench.py --full-scale /tmp/dry --scale tiny      # every part at its tiny preset, ~30 s (its test's run)
     python bench.py --full-scale /data/dry --train false --steps 50 --video-frames 24 --audio-seconds 9 --device cuda
+    python bench.py --full-scale /data/dry --generate false --train false   # loading and the 7B LLM's decode only
 
 1. writes into DIR, in the official layouts (nextgpt.OFFICIAL_FILES) and formats, random weights at the official sizes:
    vicuna-7b-v0/ as FastChat v0.1.10 made it (2 fp16 pytorch_model-0000k-of-00002.bin shards of 9.98 + 3.50 GB with
@@ -307,6 +308,7 @@ class DryRun:
     video_width: int = 576
     audio_seconds: float = 1.0  # the generated audio (official: 9)
     max_new_tokens: int = 8  # reply tokens; the three signal runs are forced in after them
+    generate: bool = True  # the any-to-any generate after loading
     train: bool = True  # one train.py step of each stage after the generation
     keep_train: bool = False  # keep the training checkpoints (about 2 GB per stage at full size)
     decode: int = 16  # last, LLM decode speed: this many tokens in dtype, then with llm.quantize_int8 (0: skip)
@@ -665,22 +667,23 @@ def full_scale(folder, run=None, log=print):
             return d
         return load
     model.backbones.update({m: timed(m) for m in nextgpt.MODALITIES})
-    c = config.imagebind
-    g = torch.Generator().manual_seed(0)
-    image = torch.randn(3, c.image_size, c.image_size, generator=g)  # the official ImageBind inputs (encoder.load_*)
-    video = torch.randn(15, 3, 2, c.image_size, c.image_size, generator=g)
-    audio = torch.randn(3, 1, c.mel_bins, c.audio_frames, generator=g)
-    with stages("generate: image+audio+video in, all out") as s:
-        out = model.generate("Describe these, then draw, film and play them.", images=[image], videos=[video],
-                             audios=[audio], want=nextgpt.MODALITIES, max_new_tokens=run.max_new_tokens,
-                             steps=run.steps, height={"image": run.image_size, "video": run.video_height},
-                             width={"image": run.image_size, "video": run.video_width}, frames=run.video_frames,
-                             seconds=run.audio_seconds, progress=False)
-        shapes = {m: tuple(out[m][0].shape) for m in nextgpt.MODALITIES}
-        s.extra = f"{len(out['tokens'])} tokens, {shapes}; decoder loading " + \
-            ", ".join(f"{m} {t:.1f} s" for m, t in loaded.items())
+    if run.generate:
+        c = config.imagebind
+        g = torch.Generator().manual_seed(0)
+        image = torch.randn(3, c.image_size, c.image_size, generator=g)  # official ImageBind inputs (encoder.load_*)
+        video = torch.randn(15, 3, 2, c.image_size, c.image_size, generator=g)
+        audio = torch.randn(3, 1, c.mel_bins, c.audio_frames, generator=g)
+        with stages("generate: image+audio+video in, all out") as s:
+            out = model.generate("Describe these, then draw, film and play them.", images=[image], videos=[video],
+                                 audios=[audio], want=nextgpt.MODALITIES, max_new_tokens=run.max_new_tokens,
+                                 steps=run.steps, height={"image": run.image_size, "video": run.video_height},
+                                 width={"image": run.image_size, "video": run.video_width}, frames=run.video_frames,
+                                 seconds=run.audio_seconds, progress=False)
+            shapes = {m: tuple(out[m][0].shape) for m in nextgpt.MODALITIES}
+            s.extra = f"{len(out['tokens'])} tokens, {shapes}; decoder loading " + \
+                ", ".join(f"{m} {t:.1f} s" for m, t in loaded.items())
+        del out
     model.backbones.update(loaders)  # release the decoders: training loads the image one again
-    del out
     gc.collect()
     if run.train:
         _train_steps(model, folder, run, stages)
@@ -810,6 +813,12 @@ def main(argv=None):
         run = cli.config_from(DryRun, args, base=DryRun.preset(scale))
         if run.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"--dtype takes bfloat16, float16 or float32, not {run.dtype!r}")
+        small = [f"--{k.replace('_', '-')} {v}" for k, v in vars(run).items()
+                 if k in ("steps", "image_size", "video_frames", "video_height", "video_width", "max_new_tokens",
+                          "audio_seconds") and v <= 0 or k == "decode" and v < 0]
+        if small:
+            raise ValueError(f"{small[0]} is too small: counts, sizes and seconds are positive (--decode may be 0: "
+                             f"no decode stages)")
     except ValueError as e:
         p.error(str(e))
     if args and not full:

@@ -81,7 +81,8 @@ def test_dry_run_options_are_checked(capsys, tmp_path):
     for args, said in ((["--scale", "huge", "--full-scale", "x"], "--scale must be official or tiny"),
                        (["--full-scale", str(tmp_path)], "holds a dry run at tiny size, not official"),
                        (["--steps", "2"], "give --full-scale DIR too"),
-                       (["--full-scale", "x", "--dtype", "int8"], "--dtype takes bfloat16")):
+                       (["--full-scale", "x", "--dtype", "int8"], "--dtype takes bfloat16"),
+                       (["--full-scale", "x", "--decode", "-1"], "--decode -1 is too small")):
         with pytest.raises(SystemExit) as e:
             bench.main(args)
         assert e.value.code == 2 and said in capsys.readouterr().err.strip().splitlines()[-1]
