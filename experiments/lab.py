@@ -73,7 +73,7 @@ def setup(args, name, seeds, small_seeds=(0,)):
     it. What OUT caches from another world (train.py's features, linked worlds) is removed."""
     args.out = args.out or os.path.join("out", "experiments", name + ("_small" if args.small else ""))
     args.seeds = args.seeds or list(small_seeds if args.small else seeds)
-    args.t0 = time.time()
+    args.t0, args.commit = time.time(), commit()  # the code as it starts: the tree may change while it runs
     base = toy.ToyConfig.small() if args.small else toy.ToyConfig()
     torch.set_num_threads(base.threads)  # as toy.py: one thread, which on shared cores beats two
     world = args.world or (SMALL_WORLD if args.small else DEFAULT_WORLD)
@@ -200,7 +200,7 @@ def report(args, name, rows, columns, fmt="{:.2f}", notes=""):
     seconds = round(time.time() - args.t0)
     record = {"experiment": name, "command": shlex.join(["python", f"experiments/{name}.py", *sys.argv[1:]]),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "commit": commit(), "machine": machine(), "seconds": seconds, "small": args.small,
+              "commit": args.commit, "machine": machine(), "seconds": seconds, "small": args.small,
               "seeds": args.seeds, "world": args.world or (SMALL_WORLD if args.small else DEFAULT_WORLD),
               "columns": columns, "rows": rows, "table": text, "notes": notes}
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
