@@ -87,6 +87,11 @@ def _load_model(model_cls, cfg, folder, dtype, device, stems, rename=None):
     left = still_on_meta(model)
     if left:
         raise CheckpointError(f"{folder}: not filled by the checkpoint: {left[:10]}")
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32:
+            # oneDNN's float32 convolutions on the CPU run faster on channels-last (NHWC) weights, and then give
+            # channels-last outputs to the next layer: bench.py unet and image-pipeline (docs/speed.md)
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
     return model.eval().requires_grad_(False)
 
 
