@@ -835,8 +835,8 @@ def main(argv=None):
                f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     print(machine)
     t0, table = time.perf_counter(), {}  # entry -> its rows, one a run
-    for run in range(runs):
-        print(f"{'entry' + (f' (run {run + 1} of {runs})' if runs > 1 else ''):<70} {'ours':>10} {'reference':>10} "
+    for k in range(runs):
+        print(f"{'entry' + (f' (run {k + 1} of {runs})' if runs > 1 else ''):<70} {'ours':>10} {'reference':>10} "
               f"{'ratio':>7}")
         for name, fn in BENCHES.items():
             if only not in name:
