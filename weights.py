@@ -54,9 +54,9 @@ def _read_safetensors(path, dtype, device):
     """
     The safetensors format is an 8-byte header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
     raw little-endian bytes. A tensor kept as it is in the file (no cast, no move) is a view of the file mapped
-    copy-on-write, as transformers and torch.load(mmap=True) do: nothing is read until it is used, and the pages are
-    the page cache's. One that is cast or moved is read straight into its own buffer instead (no staging copy), so
-    that the peak stays the size of the result, plus one tensor while casting.
+    copy-on-write, as transformers does it and as load_file maps a `.bin`: nothing is read until it is used, and the
+    pages are the page cache's. One that is cast or moved is read straight into its own buffer instead (no staging
+    copy), so that the peak stays the size of the result, plus one tensor while casting.
     """
     out, size = {}, os.path.getsize(path)
     with open(path, "rb") as f:
