@@ -250,14 +250,15 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x, context=None):
-        with_pe = lambda h: h  # noqa: E731  (no positions: no `h + 0`, which would copy h twice a block)
+        pe = None  # no positions: nothing added (not `h + 0`, a copy of h twice a block)
         if self.positions:
             if x.shape[1] > self.positions:
                 raise ValueError(f"{x.shape[1]} frames, but this UNet has positions for {self.positions} at most")
             pe = sinusoidal_positions(x.shape[1], x.shape[-1], x.device).to(x.dtype)  # (T, dim), made in place
-            with_pe = lambda h: h + pe  # noqa: E731
-        x = x + self.attn1(with_pe(self.norm1(x)))
-        x = x + self.attn2(with_pe(self.norm2(x)), context)
+        h = self.norm1(x)
+        x = x + self.attn1(h if pe is None else h + pe)
+        h = self.norm2(x)
+        x = x + self.attn2(h if pe is None else h + pe, context)
         return x + self.ff(self.norm3(x))
 
 
