@@ -6,10 +6,10 @@ The paper (NExT-GPT, Wu et al. 2024) says the linear projection of the one poole
 grouping the patch features into concept tokens keeps. Each variant here trains stage 1 from the world's backbones,
 the stage in which the input projection alone learns to be read by the frozen LLM (stage 3 trains it too, beside the
 LoRA, which would mix the two), and is scored on held-out media: the inputs of toy.eval_cases' understanding tasks (a
-seed training never used), asked stage 1's instruction, exact caption match (and, for two-object scenes, each object
-apart). Variants differ only in the projection: the same data, epochs, learning rate, batch, seeds and held-out inputs.
-Also reported: stage 1's seconds (toy.run_stages': the steps and two model loads, the features being prepared once
-before) and its final caption NLL (the mean over its last 10% of steps, toy.stage_losses).
+seed training never used), asked stage 1's instruction, the share of exact captions (and, for two-object scenes, of
+each object apart). Variants differ only in the projection: the same data, epochs, learning rate, batch, seeds and
+held-out inputs. Also reported: stage 1's seconds (toy.run_stages': the steps and two model loads, the features being
+prepared once before) and its final caption NLL (the mean over its last 10% of steps, toy.stage_losses).
 
     linear            one token an input: the pooled ImageBind embedding through nn.Linear (the released weights)
     group, 4 tokens   256 patch features (228 for audio) -> 16 groups -> 4 concept tokens (the toy's group_tokens)
@@ -55,8 +55,8 @@ def held_out(base, n, folder):
 
 
 def score(cfg, ckpt, cases):
-    """-> ({column: % of exact captions}, the set of LLM tokens an input became). Asked with stage 1's instruction: the
-    understanding prompts of toy.UNDERSTAND are stage 3's, which this model never saw."""
+    """-> ({column: the share of exact captions}, the set of LLM tokens an input became). Asked with stage 1's
+    instruction: the understanding prompts of toy.UNDERSTAND are stage 3's, which this model never saw."""
     model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu")
     right, tokens = {c: [] for c in [*COLUMNS.values(), OBJECTS]}, set()
     for column, modality, path, caption in cases:
@@ -75,7 +75,7 @@ def score(cfg, ckpt, cases):
     T = prompt.shape[1]
     if not (torch.equal(train_embeds[:, :T], prompt) and (labels[:T] == -100).all() and labels[T] != -100):
         raise RuntimeError("generate's prompt is not train.py's stage-1 template: the scores would not be stage 1's")
-    return {c: 100 * sum(v) / len(v) for c, v in right.items()}, tokens
+    return {c: sum(v) / len(v) for c, v in right.items()}, tokens
 
 
 def main():
@@ -107,7 +107,7 @@ def main():
                 raise RuntimeError(f"{name}: an input became {sorted(tokens)} LLM tokens, not {n_tokens}")
             lab.add(rows, name, {**acc, "stage-1 NLL": losses["nll"], "stage-1 seconds": losses["seconds"]})
             print(f"{name} seed {seed}: {acc}, NLL {losses['nll']}, {losses['seconds']} s", flush=True)
-    notes = (f"Exact-caption accuracy (%) on {eval_n} held-out inputs per column (toy.eval_cases' understanding "
+    notes = (f"The share of exact captions on {eval_n} held-out inputs per column (toy.eval_cases' understanding "
              f"inputs) after stage 1 only ({epochs} epochs, {losses['steps']} steps of batch {base.stage_batch}, "
              f"lr {base.stage_lr[0]}), asked '{toy.STAGE1_PROMPT}'; mean ± sd over seeds {args.seeds}; world "
              f"{base.world}.")

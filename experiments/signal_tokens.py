@@ -20,9 +20,9 @@ image pairs only (cc3m.json), less every 4th of the 132 two-object scenes: 33 ca
 (the LLM and the decoder were pretrained on every caption). No stage 3: the question is what stage 2 trains, asked in
 its own template (the caption in; the caption and its signal run out), not stage 3's "Draw {}.".
 
-    text -> image (%)        a one-object caption (each of the 12 in turn) -> NextGPT.generate(want=["image"]), the
+    text -> image            a one-object caption (each of the 12 in turn) -> NextGPT.generate(want=["image"]), the
                              decoded image right by toy.measure_image
-    held-out pair (%)        a held-out scene's caption -> an image with both objects right (toy.measure_pair)
+    held-out pair            a held-out scene's caption -> an image with both objects right (toy.measure_pair)
     align MSE                the projector's output (project_signal on the signal tokens' hidden states, the reply
                              given as training gives it) against the decoder's embed_text of the caption: the mean
                              squared error per element over the 12 one-object captions / the 33 held-out scenes
@@ -52,7 +52,7 @@ import train
 NAME = "signal_tokens"
 SIGNALS = {"img4": 4, "img1": 1}  # variant -> image signal tokens
 HELD_OUT = toy.PAIRS[3::4]  # the 33 two-object scenes stage 2 never sees
-COLUMNS = ["text -> image (%)", "held-out pair (%)", "align MSE, one object", "align MSE, held-out pairs",
+COLUMNS = ["text -> image", "held-out pair", "align MSE, one object", "align MSE, held-out pairs",
            "held-out: caption", "held-out: pad", "stage 1 s", "stage 2 s"]
 
 
@@ -91,14 +91,14 @@ def alignment(model, captions):
 
 @torch.no_grad()
 def accuracy(model, cfg, targets, caption, measure):
-    """% of targets whose image, generated from the caption alone (stage 2's prompt), measures as the target. Prompt k
-    starts from the noise of seed eval_seed + k in every run."""
+    """The share of targets whose image, generated from the caption alone (stage 2's prompt), measures as the target.
+    Prompt k starts from the noise of seed eval_seed + k in every run."""
     right = 0
     for k, t in enumerate(targets):
         out = model.generate(caption(t), want=["image"], config=toy.generation_config(cfg), seed=cfg.eval_seed + k,
                              progress=False)
         right += measure(media.to_uint8(out["image"][0])) == tuple(t)
-    return 100 * right / len(targets)
+    return right / len(targets)
 
 
 def evaluate(cfg):
@@ -108,8 +108,8 @@ def evaluate(cfg):
     pairs = [HELD_OUT[k * len(HELD_OUT) // cfg.eval_n] for k in range(cfg.eval_n)]  # spread over the 33
     one_mse = alignment(model, [toy.image_caption(*c) for c in toy.CLASSES])[0]
     pair_mse, on_caption, on_pad = alignment(model, [toy.pair_caption(a, b) for a, b in HELD_OUT])
-    return {"text -> image (%)": accuracy(model, cfg, ones, lambda c: toy.image_caption(*c), toy.measure_image),
-            "held-out pair (%)": accuracy(model, cfg, pairs, lambda p: toy.pair_caption(*p), toy.measure_pair),
+    return {"text -> image": accuracy(model, cfg, ones, lambda c: toy.image_caption(*c), toy.measure_image),
+            "held-out pair": accuracy(model, cfg, pairs, lambda p: toy.pair_caption(*p), toy.measure_pair),
             "align MSE, one object": one_mse, "align MSE, held-out pairs": pair_mse,
             "held-out: caption": on_caption, "held-out: pad": on_pad}
 
