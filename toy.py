@@ -345,6 +345,8 @@ class ToyConfig:
     guidance: float = 3.0  # classifier-free guidance of the image and audio decoders
     video_guidance: float = 1.5  # the video decoder's, lower: at higher scales its direction code spoils color, shape
     quantize: str = ""  # --eval with the LLM's weights in int8 ("int8", llm.quantize_int8), as sample.py --quantize
+    bypass: bool = False  # --eval: each output also from its decoder's own embedding of the reply's caption, scored
+    # beside (NextGPT.generate's caption_bypass, the same noise): what the decoder alone makes of the words
 
     @classmethod
     def small(cls, **kw):
@@ -1243,7 +1245,10 @@ def evaluate(cfg, ckpt, tasks=TASKS):
     measuring the output media (an output the model did not produce counts as wrong: no `want` forcing); a
     dialogue's later turns see the model's own earlier replies, as in a chat, and the dialogue counts when every turn
     is right. Also whether the reply's text is exactly the expected captions, to tell LLM failures from projector /
-    decoder ones. -> {task: accuracy}; OUT/eval.json has the per-turn, per-part and reply scores too."""
+    decoder ones. With cfg.bypass, each output is also decoded from its decoder's own embedding of the reply's
+    caption, from the same noise, and scored in place of the projector's: the gap between the two is what the
+    output projection loses. -> {task: accuracy}; OUT/eval.json has the per-turn, per-part, reply and bypass scores
+    too."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"toy.evaluate: no task {unknown[0]!r}; the tasks are toy.TASKS: {', '.join(TASKS)}")
@@ -1254,6 +1259,7 @@ def evaluate(cfg, ckpt, tasks=TASKS):
         llm.quantize_int8(model.llm)
     generation = generation_config(cfg)
     score = {t: [0, 0, 0] for t in tasks}  # right / reply exact / count
+    alone = {}  # task with outputs -> how many are right with every output decoded from its caption (cfg.bypass)
     turn_score = {t: [] for t in tasks}  # per turn of the dialogues: [right, ...] per dialogue
     parts = {}  # per prompt: the share of a two-object scene's objects right (color, shape and side), or of a
     # reply's output captions
@@ -1261,7 +1267,7 @@ def evaluate(cfg, ckpt, tasks=TASKS):
         for k, (task, dialogue) in enumerate(tqdm(eval_cases(cfg), desc="eval", mininterval=2)):
             if task not in score:
                 continue  # k stays the prompt's place among all tasks': its noise does not depend on the others
-            history, all_ok, all_reply, per_turn = [], True, True, []
+            history, all_ok, all_reply, per_turn, all_alone = [], True, True, [], True
             for j, (prompt, inp, captions, outputs) in enumerate(dialogue):
                 inputs = {}
                 if inp:
@@ -1269,9 +1275,13 @@ def evaluate(cfg, ckpt, tasks=TASKS):
                     SAVE[inp[0]](path, inp[1])
                     inputs = {inp[0] + "s": [path]}
                 out = model.generate(prompt, **inputs, history=history, config=generation, seed=cfg.eval_seed + k,
-                                     progress=False)
+                                     progress=False, caption_bypass=cfg.bypass and bool(outputs))
                 history.append((prompt, out["reply"], out["media"]))
                 ok, reply_ok, right = score_turn(out, captions, outputs)
+                if outputs and cfg.bypass:  # the same turn scored on the outputs decoded from their captions
+                    all_alone = all_alone and score_turn({**out, **out["bypass"]}, captions, outputs)[0]
+                else:
+                    all_alone = all_alone and ok
                 if right is not None:
                     parts.setdefault(task, []).append(right)
                 all_ok, all_reply = all_ok and ok, all_reply and reply_ok
@@ -1280,21 +1290,28 @@ def evaluate(cfg, ckpt, tasks=TASKS):
             score[task][1] += all_reply
             score[task][2] += 1
             turn_score[task].append(per_turn)
+            if cfg.bypass and any(outputs for *_, outputs in dialogue):
+                alone[task] = alone.get(task, 0) + all_alone
     acc = {t: s[0] / s[2] for t, s in score.items()}
     turns = {t: [sum(r[j] for r in rows) / len(rows) for j in range(len(rows[0]))]
              for t, rows in turn_score.items() if rows and len(rows[0]) > 1}
     int8 = ", the LLM in int8" if cfg.quantize == "int8" else ""
     print(f"\n{ckpt}: {cfg.eval_n} held-out prompts per task, {cfg.sample_steps} DDIM steps, guidance {cfg.guidance} "
           f"(video {cfg.video_guidance}), noise seeds {cfg.eval_seed} + prompt{int8}")
-    print("| task | accuracy | reply caption exact | chance | target |\n| --- | --- | --- | --- | --- |")
+    head = ["task", "accuracy", "reply caption exact", *(["decoders from the caption"] if cfg.bypass else []),
+            "chance", "target"]
+    print("| " + " | ".join(head) + " |\n" + "| --- " * len(head) + "|")
     parts = {t: sum(v) / len(v) for t, v in parts.items()}
     for t, (ok, rep, n) in score.items():
         each = f" (turns: {', '.join(f'{a:.0%}' for a in turns[t])})" if t in turns else \
             f" (objects: {parts[t]:.0%})" if t in parts and "two-object" in t else ""
-        print(f"| {t} | {ok / n:.0%} ({ok}/{n}){each} | {rep / n:.0%} | {CHANCE[t]:.1%} | {TARGET[KIND[t]]:.0%} |")
+        bypass = [f"{alone[t] / n:.0%} ({alone[t]}/{n})" if t in alone else "-"] if cfg.bypass else []
+        print("| " + " | ".join([t, f"{ok / n:.0%} ({ok}/{n}){each}", f"{rep / n:.0%}", *bypass, f"{CHANCE[t]:.1%}",
+                                 f"{TARGET[KIND[t]]:.0%}"]) + " |")
     print(f"eval took {time.time() - t0:.0f} s")
     dump(os.path.join(cfg.out, "eval.json"), {"ckpt": ckpt, "accuracy": acc, "turns": turns, "parts": parts,
-                                              "reply": {t: s[1] / s[2] for t, s in score.items()}})
+                                              "reply": {t: s[1] / s[2] for t, s in score.items()},
+                                              "bypass": {t: v / score[t][2] for t, v in alone.items()}})
     return acc
 
 

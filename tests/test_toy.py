@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import media
 import toy
@@ -290,3 +291,29 @@ def test_lane_workers_die_with_toy_py(tmp_path):
     for w in alive:  # leave no trainer behind when the test fails
         os.kill(w, signal.SIGKILL)
     assert not alive, f"lane processes {alive} outlived toy.py"
+
+
+def test_eval_bypass_scores_the_decoders_from_the_caption(tmp_path, monkeypatch):
+    """--bypass: every output is scored a second time from its decoder's own embedding of the reply's caption
+    (NextGPT.generate's caption_bypass). A fake model whose projected images are blank and whose bypass images are
+    the caption drawn: text -> image is 0% and its bypass column 100%; a task without outputs has no bypass score."""
+    import nextgpt
+    asked = []
+
+    class Fake:
+        def generate(self, prompt, caption_bypass=False, **kw):
+            asked.append(caption_bypass)
+            said = toy.parse_caption(prompt[len("Draw "):].rstrip("."))
+            if not prompt.startswith("Draw ") or "color" not in said:
+                return {"text": "", "reply": "", "media": [], "runs": [], "image": [], "video": [], "audio": []}
+            caption = prompt[len("Draw "):].rstrip(".")
+            drawn = torch.tensor(toy.make_image(random.Random(0), said["color"], said["shape"]))
+            return {"text": caption, "reply": caption, "media": [], "runs": [{"caption": caption}],
+                    "image": [torch.zeros(3, toy.SIZE, toy.SIZE)], "video": [], "audio": [],
+                    "bypass": {"image": [drawn.movedim(-1, 0) / 255.0], "video": [], "audio": []}}
+    monkeypatch.setattr(nextgpt.NextGPT, "from_pretrained", classmethod(lambda cls, *a, **kw: Fake()))
+    cfg = toy.ToyConfig.small(out=str(tmp_path), eval_n=2, bypass=True)
+    acc = toy.evaluate(cfg, "unused", tasks=("image -> text", "text -> image"))
+    bypass = json.load(open(tmp_path / "eval.json"))["bypass"]
+    assert acc["text -> image"] == 0.0 and bypass == {"text -> image": 1.0}, (acc, bypass)
+    assert asked == [False, True] * 2  # asked only where the turn wants an output
