@@ -196,6 +196,18 @@ def test_vae(tmp_path, config, old_names):
     assert ours.cfg.scaling_factor == ref.config.scaling_factor
 
 
+def test_float32_cpu_convolutions_load_channels_last(tmp_path):
+    """float32 Conv2d weights loaded on the CPU are stored channels-last, the layout oneDNN's CPU kernels run faster
+    (docs/speed.md; test_vae checks the outputs with it); other dtypes keep the file's layout."""
+    folder = saved(randomize(diffusers.AutoencoderKL(**SD_VAE), 4), tmp_path)
+
+    def kernels(model):  # the 3 x 3 ones: a 1 x 1 weight is contiguous in both layouts
+        return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    fp32, bf16 = kernels(D.VAE.from_pretrained(folder)), kernels(D.VAE.from_pretrained(folder, torch.bfloat16))
+    assert fp32 and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in fp32)
+    assert all(w.is_contiguous() for w in bf16)
+
+
 @pytest.mark.parametrize("normalize_before", [False, True])
 def test_hifigan(tmp_path, normalize_before):
     cfg = transformers.SpeechT5HifiGanConfig(

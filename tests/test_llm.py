@@ -364,6 +364,24 @@ def test_int8_memory_state_dict_and_devices():
         assert model.new_cache().kv.dtype == torch.bfloat16  # the cache takes the embedding's dtype, not int8's
 
 
+def test_int8_frees_each_float_layer_as_it_goes(monkeypatch):
+    """quantize_int8 replaces layer by layer and keeps no list of the float ones: when the k-th Int8Linear is made,
+    the k - 1 float layers before it are gone, so the peak is the float model plus one layer (a 7B model in bf16:
+    bench.py --full-scale)."""
+    import weakref
+    model = tiny_llama()
+    refs = [weakref.ref(m) for m in model.modules() if type(m) is torch.nn.Linear]
+    alive = []  # float layers still alive as each Int8Linear is made
+    make = llm.Int8Linear.__init__
+
+    def counting(self, linear):
+        alive.append(sum(r() is not None for r in refs))
+        make(self, linear)
+    monkeypatch.setattr(llm.Int8Linear, "__init__", counting)
+    llm.quantize_int8(model)
+    assert alive == list(range(len(refs), 0, -1)), alive
+
+
 def test_int8_refuses_lora_and_a_second_call_changes_nothing():
     model = llm.add_lora(tiny_llama(), r=4, alpha=8)
     with pytest.raises(ValueError, match="merge_lora"):
