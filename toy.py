@@ -47,6 +47,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -1211,33 +1212,52 @@ def eval_cases(cfg):
 
 
 MEASURE = {"image": measure_image, "pair": measure_pair, "video": measure_video, "audio": measure_audio}
+ATTRIBUTES = {"image": ("color", "shape"), "video": ("color", "shape", "motion"), "audio": ("pitch", "count"),
+              "pair": ("left color", "left shape", "right color", "right shape")}  # what each measurer returns
+
+
+def wrong_attributes(kind, got, want):
+    """The attributes (ATTRIBUTES[kind]) in which got differs from want: a measurer's tuples (a pair's nested), or
+    parse_caption's dicts."""
+    def values(x):
+        if isinstance(x, dict):  # a parsed caption
+            x = (x.get("left"), x.get("right")) if kind == "pair" else tuple(x.get(a) for a in ATTRIBUTES[kind])
+        return [v for side in x for v in (side or (None, None))] if kind == "pair" else list(x)
+    return [a for a, g, w in zip(ATTRIBUTES[kind], values(got), values(want)) if g != w]
 
 
 def score_turn(out, captions, outputs):
     """-> (every expected output there and measured right, the reply's text exactly its captions (with outputs: the
-    text before each output), the share of a two-object scene's objects right or None). The k-th expected output of a
-    modality is the reply's k-th of that modality ("pair": an image of two objects). For a reply with several
-    outputs the third is the share of their captions right."""
+    text before each output), the share of a two-object scene's objects right or None, what was wrong: ["video
+    motion", "text color", "audio: none", "reply caption", ...]). The k-th expected output of a modality is the
+    reply's k-th of that modality ("pair": an image of two objects). For a reply with several outputs the third is
+    the share of their captions right."""
     if outputs:
         reply_ok = [r["caption"].strip().rstrip(".") for r in out["runs"]] == captions
     else:
         reply_ok = out["text"].strip().rstrip(".") == captions[0]
-    seen, ok, part = {}, True, None
+    seen, ok, part, wrong = {}, True, None, [] if reply_ok else ["reply caption"] if outputs else []
     for m, expected in outputs:
         key = "image" if m == "pair" else m
         k = seen[key] = seen.get(key, -1) + 1
         got = out[key][k] if k < len(out[key]) else None
         measured = got is not None and MEASURE[m](got.numpy() if m == "audio" else media.to_uint8(got))
         ok = ok and measured == expected
+        wrong += [f"{m} {a}" for a in wrong_attributes(m, measured, expected)] if measured else [f"{m}: none"]
         if m == "pair":
             part = sum(measured[i] == expected[i] for i in (0, 1)) / 2 if measured else 0.0
     if len(outputs) > 1:  # a reply with several outputs: the share of its outputs' captions right
         said = [r["caption"].strip().rstrip(".") for r in out["runs"]] + [None] * len(captions)
         part = sum(a == b for a, b in zip(said, captions)) / len(captions)
-    if not outputs and "left" in parse_caption(captions[0]):  # a two-object scene described: each object apart
+    if not outputs:  # a description: which attributes it got wrong
         said, expected = parse_caption(out["text"]), parse_caption(captions[0])
-        part = sum(said.get(side) == expected[side] for side in ("left", "right")) / 2
-    return (ok if outputs else reply_ok), reply_ok, part
+        kind = next(k for k, a in (("pair", "left"), ("video", "motion"), ("image", "color"), ("audio", "pitch"))
+                    if a in expected)
+        wrong = [] if reply_ok else [f"text {a}" for a in wrong_attributes(kind, said, expected)] if said else \
+            ["text: not a caption"]
+        if kind == "pair":  # a two-object scene described: each object apart
+            part = sum(said.get(side) == expected[side] for side in ("left", "right")) / 2
+    return (ok if outputs else reply_ok), reply_ok, part, wrong
 
 
 def evaluate(cfg, ckpt, tasks=TASKS):
@@ -1260,6 +1280,8 @@ def evaluate(cfg, ckpt, tasks=TASKS):
     generation = generation_config(cfg)
     score = {t: [0, 0, 0] for t in tasks}  # right / reply exact / count
     alone = {}  # task with outputs -> how many are right with every output decoded from its caption (cfg.bypass)
+    misses = {t: Counter() for t in tasks}  # task -> {what was wrong (score_turn's names, turn k in dialogues): n}
+    alone_misses = {}  # the same, of the outputs decoded from their captions
     turn_score = {t: [] for t in tasks}  # per turn of the dialogues: [right, ...] per dialogue
     parts = {}  # per prompt: the share of a two-object scene's objects right (color, shape and side), or of a
     # reply's output captions
@@ -1277,9 +1299,13 @@ def evaluate(cfg, ckpt, tasks=TASKS):
                 out = model.generate(prompt, **inputs, history=history, config=generation, seed=cfg.eval_seed + k,
                                      progress=False, caption_bypass=cfg.bypass and bool(outputs))
                 history.append((prompt, out["reply"], out["media"]))
-                ok, reply_ok, right = score_turn(out, captions, outputs)
+                ok, reply_ok, right, wrong = score_turn(out, captions, outputs)
+                turn = f"turn {j + 1} " if len(dialogue) > 1 else ""
+                misses[task].update(turn + w for w in wrong)
                 if outputs and cfg.bypass:  # the same turn scored on the outputs decoded from their captions
-                    all_alone = all_alone and score_turn({**out, **out["bypass"]}, captions, outputs)[0]
+                    ok_alone, _, _, wrong = score_turn({**out, **out["bypass"]}, captions, outputs)
+                    all_alone = all_alone and ok_alone
+                    alone_misses.setdefault(task, Counter()).update(turn + w for w in wrong if w != "reply caption")
                 else:
                     all_alone = all_alone and ok
                 if right is not None:
@@ -1308,9 +1334,17 @@ def evaluate(cfg, ckpt, tasks=TASKS):
         bypass = [f"{alone[t] / n:.0%} ({alone[t]}/{n})" if t in alone else "-"] if cfg.bypass else []
         print("| " + " | ".join([t, f"{ok / n:.0%} ({ok}/{n}){each}", f"{rep / n:.0%}", *bypass, f"{CHANCE[t]:.1%}",
                                  f"{TARGET[KIND[t]]:.0%}"]) + " |")
+    print(f"\nWhat was wrong, in how many of the {cfg.eval_n} prompts (an output's attributes as measured, a "
+          "description's as said; \"reply caption\": the reply's text before an output" +
+          (", and from the caption: the decoders from their own embedding of it" if cfg.bypass else "") + "):")
+    def listed(counter):
+        return ", ".join(f"{w} {n}" for w, n in counter.most_common()) or "nothing"
+    for t in tasks:
+        print(f"- {t}: {listed(misses[t])}" + (f" (from the caption: {listed(alone_misses[t])})" if t in alone else ""))
     print(f"eval took {time.time() - t0:.0f} s")
     dump(os.path.join(cfg.out, "eval.json"), {"ckpt": ckpt, "accuracy": acc, "turns": turns, "parts": parts,
                                               "reply": {t: s[1] / s[2] for t, s in score.items()},
+                                              "misses": misses, "bypass_misses": alone_misses,
                                               "bypass": {t: v / score[t][2] for t, v in alone.items()}})
     return acc
 

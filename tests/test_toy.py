@@ -296,7 +296,8 @@ def test_lane_workers_die_with_toy_py(tmp_path):
 def test_eval_bypass_scores_the_decoders_from_the_caption(tmp_path, monkeypatch):
     """--bypass: every output is scored a second time from its decoder's own embedding of the reply's caption
     (NextGPT.generate's caption_bypass). A fake model whose projected images are blank and whose bypass images are
-    the caption drawn: text -> image is 0% and its bypass column 100%; a task without outputs has no bypass score."""
+    the caption drawn: text -> image is 0% and its bypass column 100%; a task without outputs has no bypass score.
+    Each miss is named by the attribute that was wrong."""
     import nextgpt
     asked = []
 
@@ -314,6 +315,24 @@ def test_eval_bypass_scores_the_decoders_from_the_caption(tmp_path, monkeypatch)
     monkeypatch.setattr(nextgpt.NextGPT, "from_pretrained", classmethod(lambda cls, *a, **kw: Fake()))
     cfg = toy.ToyConfig.small(out=str(tmp_path), eval_n=2, bypass=True)
     acc = toy.evaluate(cfg, "unused", tasks=("image -> text", "text -> image"))
-    bypass = json.load(open(tmp_path / "eval.json"))["bypass"]
-    assert acc["text -> image"] == 0.0 and bypass == {"text -> image": 1.0}, (acc, bypass)
+    result = json.load(open(tmp_path / "eval.json"))
+    assert acc["text -> image"] == 0.0 and result["bypass"] == {"text -> image": 1.0}, (acc, result)
+    # what was wrong: a blank image has neither color nor shape, an empty reply is no caption
+    assert result["misses"] == {"image -> text": {"text: not a caption": 2},
+                                "text -> image": {"image color": 2, "image shape": 2}}, result["misses"]
+    assert result["bypass_misses"] == {"text -> image": {}}
     assert asked == [False, True] * 2  # asked only where the turn wants an output
+
+
+def test_wrong_attributes_names_each_miss():
+    """The eval's list of misses: a measurer's tuples or parsed captions, compared attribute by attribute."""
+    assert toy.wrong_attributes("video", ("red", "circle", None), ("red", "circle", "left")) == ["motion"]
+    assert toy.wrong_attributes("pair", (("red", "circle"), (None, None)), (("red", "square"), ("blue", "circle"))) \
+        == ["left shape", "right color", "right shape"]
+    said, want = toy.parse_caption(toy.pair_caption(("red", "circle"), ("blue", "square"))), \
+        toy.parse_caption(toy.pair_caption(("red", "circle"), ("green", "square")))
+    assert toy.wrong_attributes("pair", said, want) == ["right color"]
+    # a caption of another kind: an image's where a video's was asked lacks the motion
+    said, want = toy.parse_caption(toy.image_caption("red", "circle")), toy.parse_caption(
+        toy.video_caption("red", "circle", "up"))
+    assert toy.wrong_attributes("video", said, want) == ["motion"]
