@@ -12,6 +12,7 @@ A tiny synthetic any-to-any world in which the whole of NExT-GPT trains on a lap
     python toy.py --eval [CKPT]       # accuracy table per task (default CKPT: assets/toy)
     python toy.py --pictures [CKPT]   # the README's pictures -> assets/toy_text_to_*
     python toy.py --probe-video [CKPT]  # does the video decoder read the caption's direction?
+    python toy.py --probe-encoder [CKPT]  # what ImageBind's pooled embedding keeps of each attribute
     python toy.py --small --recipe    # the CI size (tests/test_toy.py); --key=value sets any ToyConfig field
     python toy.py --help              # every action and every ToyConfig field, with its default
 
@@ -1381,6 +1382,75 @@ def probe_video(cfg, ckpt, per_class=2):
     return table
 
 
+def labels(kind, attrs):
+    """A caption's attributes (parse_caption's dict, or world_items') -> {ATTRIBUTES[kind] name: value}."""
+    if kind == "pair":
+        return {f"{side} {a}": v for side in ("left", "right") for a, v in zip(("color", "shape"), attrs[side])}
+    return {a: attrs[a] for a in ATTRIBUTES[kind]}
+
+
+@torch.no_grad()
+def probe_encoder(cfg, ckpt, ridge=1e-2):
+    """
+    What ImageBind's pooled embedding keeps (the one vector a linear input projection reads, per input): a linear
+    probe per attribute (ridge regression onto one-hot targets, standardized features), fit on fresh draws of the
+    world (cfg's sizes, a seed of their own) and scored on the eval's held-out understanding inputs. An attribute the
+    probe reads well is in the embedding, so a description that misses it loses it after the encoder; one it reads
+    badly is lost in the encoder. -> {kind: {attribute: held-out accuracy, "all": every attribute right}}
+    """
+    model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu", decoders=())
+    fit = world_items(cfg.seed + 3000, cfg.per_image, cfg.per_video, cfg.per_audio, cfg.pair_images)
+    sets = {"fit": {k: [] for k in ATTRIBUTES}, "held-out": {k: [] for k in ATTRIBUTES}}  # [(modality, media, dict)]
+    for m, rows in fit.items():
+        for x, _, attrs in rows:
+            kind = "pair" if "left" in attrs else m
+            sets["fit"][kind].append((m, x, labels(kind, attrs)))
+    tasks = {"image -> text": "image", "two-object image -> text": "pair", "video -> text": "video",
+             "audio -> text": "audio"}
+    for task, turns in eval_cases(cfg):
+        if task in tasks:
+            _, (m, x), (caption,), _ = turns[0]
+            sets["held-out"][tasks[task]].append((m, x, labels(tasks[task], parse_caption(caption))))
+    feats = {}  # (set, kind) -> (N, IB_DIM)
+    with tempfile.TemporaryDirectory() as d:
+        for name, kinds in sets.items():
+            for kind, rows in kinds.items():
+                xs = []
+                for i in range(0, len(rows), 32):
+                    batch = []
+                    for j, (m, x, _) in enumerate(rows[i:i + 32]):
+                        path = os.path.join(d, f"{j}.{EXT[m]}")
+                        SAVE[m](path, x)
+                        batch.append(nextgpt.LOADERS[m](path))
+                    xs.append(model.encoder.embed(nextgpt.ENCODER_MODALITY[rows[0][0]], torch.stack(batch)))
+                feats[name, kind] = torch.cat(xs).double()
+    result = {}
+    print(f"{ckpt}: a linear probe of ImageBind's pooled embedding ({IB_DIM} numbers) per attribute, fit on "
+          f"{', '.join(f'{len(rows)} {k}' for k, rows in sets['fit'].items())} fresh draws, scored on the eval's "
+          f"{cfg.eval_n} held-out inputs per task")
+    print("| input | attribute | probe, held-out | probe, fit | chance |\n| --- | --- | --- | --- | --- |")
+    for kind in ATTRIBUTES:
+        X, Z = feats["fit", kind], feats["held-out", kind]
+        mean, std = X.mean(0), X.std(0) + 1e-6
+        X, Z = [torch.cat([(a - mean) / std, torch.ones(len(a), 1, dtype=a.dtype)], 1) for a in (X, Z)]
+        right = {"fit": torch.ones(len(X), dtype=torch.bool), "held-out": torch.ones(len(Z), dtype=torch.bool)}
+        result[kind] = {}
+        for a in ATTRIBUTES[kind]:
+            values = sorted({r[2][a] for r in sets["fit"][kind]}, key=str)
+            Y = torch.tensor([[r[2][a] == v for v in values] for r in sets["fit"][kind]], dtype=X.dtype)
+            W = torch.linalg.solve(X.T @ X + ridge * len(X) * torch.eye(X.shape[1], dtype=X.dtype), X.T @ Y)
+            acc = {}
+            for name, A in (("fit", X), ("held-out", Z)):
+                ok = torch.tensor([values[k] == r[2][a] for k, r in zip((A @ W).argmax(1).tolist(), sets[name][kind])])
+                right[name] &= ok
+                acc[name] = ok.double().mean().item()
+            result[kind][a] = acc["held-out"]
+            print(f"| {kind} | {a} | {acc['held-out']:.0%} | {acc['fit']:.0%} | {1 / len(values):.1%} |")
+        result[kind]["all"] = right["held-out"].double().mean().item()
+        print(f"| {kind} | all | {result[kind]['all']:.0%} | {right['fit'].double().mean().item():.0%} | - |")
+    return result
+
+
 SHOWN_PAIRS = [(("red", "circle"), ("blue", "square")), (("green", "triangle"), ("yellow", "circle")),
                (("blue", "square"), ("red", "triangle")), (("yellow", "square"), ("green", "circle"))]
 
@@ -1467,6 +1537,8 @@ CKPT_ACTIONS = {  # the actions that take an optional CKPT: their --help
     "pictures": "the README's pictures from CKPT (default: assets/toy) -> assets/toy_text_to_*",
     "probe_video": "does the video decoder of CKPT (default: assets/toy) read the caption's direction? Its denoising "
                    "loss with the true, the opposite and no caption",
+    "probe_encoder": "what ImageBind's pooled embedding in CKPT (default: assets/toy) keeps of each attribute: a "
+                     "linear probe's accuracy on the eval's held-out inputs",
 }
 
 
@@ -1532,6 +1604,8 @@ def main(argv):
         pictures(cfg, actions["pictures"] or ASSETS)
     if "probe_video" in actions:
         probe_video(cfg, actions["probe_video"] or ASSETS)
+    if "probe_encoder" in actions:
+        probe_encoder(cfg, actions["probe_encoder"] or ASSETS)
 
 
 if __name__ == "__main__":
