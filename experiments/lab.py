@@ -120,6 +120,17 @@ def prepare(cfg, order, extra):
         train.main(["--prepare"] + [a for a in args if not a.startswith("--delta")])
 
 
+def world_files(world):
+    """{modality: [(path, caption)]} of the world's stage-1 data files (cc3m.json, webvid.json, audiocap.json), as
+    toy.write_world returns them: what toy's backbones train on."""
+    d = os.path.join(world, "data")
+    out = {}
+    for m, name in (("image", "cc3m.json"), ("video", "webvid.json"), ("audio", "audiocap.json")):
+        with open(os.path.join(d, name)) as f:
+            out[m] = [(os.path.join(d, r[f"{m}_name"]), r["caption"]) for r in json.load(f)]
+    return out
+
+
 def link_world(src, dst, skip=()):
     """dst: src's data/ and every backbone file linked (made anew, so a changed src is followed), but for the
     backbones entries in skip, which the caller writes."""

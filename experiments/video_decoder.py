@@ -24,7 +24,6 @@ image UNet step takes about 0.2 s and a video UNet step about 0.6 s (toy.py's pi
 about 15 minutes and the experiment takes about 35 with the measurements. --small: a few steps on the CI world.
 """
 
-import json
 import os
 import time
 from dataclasses import replace
@@ -41,20 +40,10 @@ VARIANTS = {"one object": True, "every scene": False}  # name: the image UNet le
 COLUMNS = ["opposite / true at t=800", "opposite / true at t=950", "clips right", "direction right", "train seconds"]
 
 
-def world_files(world):
-    """{modality: [(path, caption)]} of the world's stage-1 data files, as toy.write_world returns them."""
-    d = os.path.join(world, "data")
-    out = {}
-    for m, name in (("image", "cc3m.json"), ("video", "webvid.json")):
-        with open(os.path.join(d, name)) as f:
-            out[m] = [(os.path.join(d, r[f"{m}_name"]), r["caption"]) for r in json.load(f)]
-    return out
-
-
 def train_video_lane(cfg, one_object, image_steps):
     """The recipe's video lane (toy.video_lane) from a new image UNet of image_steps steps on the world's one-object
     scenes or on all of them -> a backbones folder: the world's, with this video decoder."""
-    files = world_files(cfg.world)
+    files = lab.world_files(cfg.world)
     vae = decoders.VAE.from_pretrained(os.path.join(cfg.world, "backbones", "image", "vae"))
     img = torch.stack([torch.from_numpy(toy.read_media("image", p)) for p, _ in files["image"]])
     captions = [c for _, c in files["image"]]
