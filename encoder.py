@@ -218,14 +218,7 @@ class PatchStem(nn.Module):
         self.norm_layer = norm_layer
 
     def forward(self, x):
-        if isinstance(self.proj, nn.Sequential) and (x.ndim == 4 or x.shape[2] == 1):
-            # a still image: RepeatFrames would make F identical frames, over which the Conv3d (kernel and stride F
-            # in time) is a Conv2d with its F frame kernels summed, the same patches for 1/F of the work
-            conv = self.proj[-1]
-            x = F.conv2d(x.reshape(x.shape[0], x.shape[1], *x.shape[-2:]), conv.weight.sum(2), stride=conv.stride[1:])
-        else:
-            x = self.proj(x)
-        x = x.flatten(2).transpose(1, 2)  # (B, D, [F,] H, W) -> (B, T, D)
+        x = self.proj(x).flatten(2).transpose(1, 2)  # (B, D, [F,] H, W) -> (B, T, D)
         return self.norm_layer(x) if self.norm_layer is not None else x
 
 

@@ -367,17 +367,3 @@ def test_zero_length_audio(tmp_path):
     soundfile.write(str(tmp_path / "zero.wav"), np.zeros(0, dtype=np.int16), 16000, subtype="PCM_16")
     with pytest.raises(encoder.MediaError, match="zero.wav"):
         encoder.load_audio(str(tmp_path / "zero.wav"))
-
-
-def test_a_still_image_takes_the_conv2d_with_summed_frame_kernels():
-    """The vision stem on an image: a Conv2d with the Conv3d's two frame kernels summed, equal to the Conv3d over the
-    repeated frames that the official PadIm2Video + Conv3d run; a clip still takes the Conv3d."""
-    torch.manual_seed(0)
-    stem = encoder.ImageBind(encoder.ImageBindConfig.tiny(), modalities=("vision",)).modality_preprocessors \
-        .vision.rgbt_stem
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        want = stem.proj(x).flatten(2).transpose(1, 2)  # RepeatFrames, then the Conv3d
-        assert (stem(x) - want).abs().max() <= 1e-5 and (stem(x[:, :, None]) - want).abs().max() <= 1e-5
-        clip = torch.randn(2, 3, 2, 224, 224)
-        assert torch.equal(stem(clip), stem.proj(clip).flatten(2).transpose(1, 2))
