@@ -1237,7 +1237,7 @@ def score_turn(out, captions, outputs):
         reply_ok = [r["caption"].strip().rstrip(".") for r in out["runs"]] == captions
     else:
         reply_ok = out["text"].strip().rstrip(".") == captions[0]
-    seen, ok, part, wrong = {}, True, None, [] if reply_ok else ["reply caption"] if outputs else []
+    seen, ok, part, wrong = {}, True, None, [] if reply_ok or not outputs else ["reply caption"]
     for m, expected in outputs:
         key = "image" if m == "pair" else m
         k = seen[key] = seen.get(key, -1) + 1
@@ -1382,7 +1382,7 @@ def probe_video(cfg, ckpt, per_class=2):
     return table
 
 
-def labels(kind, attrs):
+def attribute_values(kind, attrs):
     """A caption's attributes (parse_caption's dict, or world_items') -> {ATTRIBUTES[kind] name: value}."""
     if kind == "pair":
         return {f"{side} {a}": v for side in ("left", "right") for a, v in zip(("color", "shape"), attrs[side])}
@@ -1404,13 +1404,13 @@ def probe_encoder(cfg, ckpt, ridge=1e-2):
     for m, rows in fit.items():
         for x, _, attrs in rows:
             kind = "pair" if "left" in attrs else m
-            sets["fit"][kind].append((m, x, labels(kind, attrs)))
+            sets["fit"][kind].append((m, x, attribute_values(kind, attrs)))
     tasks = {"image -> text": "image", "two-object image -> text": "pair", "video -> text": "video",
              "audio -> text": "audio"}
     for task, turns in eval_cases(cfg):
         if task in tasks:
             _, (m, x), (caption,), _ = turns[0]
-            sets["held-out"][tasks[task]].append((m, x, labels(tasks[task], parse_caption(caption))))
+            sets["held-out"][tasks[task]].append((m, x, attribute_values(tasks[task], parse_caption(caption))))
     feats = {}  # (set, kind) -> (N, IB_DIM)
     with tempfile.TemporaryDirectory() as d:
         for name, kinds in sets.items():
