@@ -20,7 +20,8 @@ def run(name, *args, timeout=900):
 
 
 def test_there_are_experiments():
-    assert {"grouping", "decoding_losses", "instruction_tuning", "signal_tokens", "video_decoder"} <= set(EXPERIMENTS)
+    assert {"grouping", "decoding_losses", "instruction_tuning", "signal_tokens", "video_decoder", "encoder_steps",
+            "output_projector"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
