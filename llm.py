@@ -502,8 +502,8 @@ def quantize_int8(model, lm_head=True):
         raise ValueError("quantize_int8: the model has LoRA layers; call merge_lora(model) first (int8 of the merged "
                          "weights)")
     # (parent, name) pairs, not the Linears themselves: each float weight is freed as soon as its int8 copy replaces
-    # it, so the peak is the float model plus one layer (a list of the modules, or a name for the head, would keep
-    # float weights alive to the end)
+    # it, so the peak is the float model plus one layer (a list of the modules, or a variable holding the head, would
+    # keep float weights alive to the end)
     slots = [(module, name) for module in model.modules() for name, child in module.named_children()
              if type(child) is nn.Linear and (lm_head or (module, name) != (model, "lm_head"))]
     for module, name in slots:
