@@ -42,8 +42,8 @@ COLUMNS = [f"{kind} {attribute}" for kind, attribute in PROBED] + ["contrastive 
 def main():
     args = lab.parse(lab.parser(__doc__))
     base = lab.setup(args, NAME, seeds=[0])
-    n = 20 if args.small else base.imagebind_steps  # --small: the wiring only
-    steps = {"recipe": n, "twice": 2 * n}
+    recipe = 20 if args.small else base.imagebind_steps  # --small: the wiring only
+    steps = {"recipe": recipe, "twice": 2 * recipe}
     files = lab.world_files(base.world)
     rows = {}
     for name, n in steps.items():

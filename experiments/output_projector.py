@@ -15,10 +15,9 @@ that size and at twice the width and depth, on one world, and scores what it dri
 Each variant runs the three stages: stage 1 as the recipe's (it trains the input projection only, but a checkpoint
 holds every projector, so each variant has its own), stage 2 as the recipe's (4 epochs, the alignment and the latent
 denoising losses) and a stage 3 of 3 epochs (the recipe's 12 would not fit the hour twice;
-experiments/instruction_tuning.py does the same). The variants differ
-only in those two config fields: the same data, seeds, learning rates, batch, steps and held-out prompts. Scored with
-toy.evaluate on the generation tasks whose misses the output projection makes (accuracy, 24 prompts each), and each
-variant's stage-2 and stage-3 seconds.
+experiments/instruction_tuning.py does the same). The variants differ only in those two config fields: the same data,
+seeds, learning rates, batch, steps and held-out prompts. Scored with toy.evaluate on the generation tasks whose
+misses the output projection makes (accuracy, 24 prompts each), and each variant's stage-2 and stage-3 seconds.
 
     python experiments/output_projector.py           # one seed, about 45 minutes on 2 cores
     python experiments/output_projector.py --small   # the wiring: a few steps a stage, one prompt a task
