@@ -324,7 +324,8 @@ class ToyConfig:
     workers: int = 2  # backbones: lanes trained side by side in their own processes (1: one after the other)
     bar: int = 0  # the tqdm line of the backbones' progress bars (each lane sets its own)
     # the backbones' training steps
-    imagebind_steps: int = 2000  # ImageBind's (contrastive over image, video, audio and text)
+    imagebind_steps: int = 4000  # ImageBind's (contrastive over image, video, audio and text): at half as many its
+    # pooled embedding keeps a video's motion only in part (experiments/encoder_steps.py)
     llm_steps: int = 400  # LLaMA's (next-token on the world's dialogues)
     vae_steps: int = 1000  # the image VAE's (the video decoder shares it)
     unet_steps: int = 4000  # the image UNet's, with its CLIP text encoder: the first unet_single_steps of them on
@@ -965,11 +966,13 @@ def save_decoder(folder, kind, unet, vae, enc):
 
 def toy_config(vocab_size):
     """The toy NExT-GPT. Its concept grouping (train.py --input_proj=group) at toy width: the grid's 256 patch
-    features (228 for audio) -> 16 groups -> 4 concept tokens (the official: 64 -> 8, width 512, 6 + 3 + 3 blocks)."""
+    features (228 for audio) -> 16 groups -> 4 concept tokens (the official: 64 -> 8, width 512, 6 + 3 + 3 blocks).
+    The output projectors are 128 wide with 2 + 2 layers (the official: 512, 4 + 4): half that loses a two-object
+    caption's second object and a video's shape (experiments/output_projector.py)."""
     return nextgpt.NextGPTConfig(llm=llm_config(vocab_size), imagebind=imagebind_config(),
                                  signal_tokens={"image": 4, "video": 8, "audio": 4},
                                  cond_shape={"image": (77, W_IMAGE), "video": (77, W_IMAGE), "audio": (1, W_AUDIO)},
-                                 proj_hidden=64, proj_layers=1, proj_heads=2, group_dim=64, group_depths=(2, 1, 1),
+                                 proj_hidden=128, proj_layers=2, proj_heads=2, group_dim=64, group_depths=(2, 1, 1),
                                  group_tokens=(16, 4), group_heads=4, lora_r=8, lora_alpha=16, lora_dropout=0.0)
 
 

@@ -1,19 +1,19 @@
 """
-What the toy's ImageBind keeps in its pooled embedding, against its training steps: the recipe's 2,000 and twice that.
+What the toy's ImageBind keeps in its pooled embedding, against its training steps: the recipe's 4,000 and half that.
 
 The released NExT-GPT reads each input as one vector, ImageBind's pooled embedding, through a linear projection
 (the toy ships that). A description can only say what that vector keeps. On the shipped checkpoint `python toy.py
 --probe-encoder` finds the motion of a video and the shapes of a two-object scene only partly in it (a linear probe
-reads them at 54-67% where colors and one-object shapes read at 88-100%), which is where video -> text and
-two-object image -> text miss (`python toy.py --eval`'s list of misses: the motion, the shapes). Is that the encoder
-stopping short, or the size of the vector (32 numbers)? This experiment retrains only ImageBind on one world, at
-the recipe's steps and at twice as many, and probes each (toy.probe_encoder: ridge regression per attribute, fit on
-fresh draws, scored on the eval's held-out inputs). The variants differ only in the steps (the schedule is AdamW with
-warmup and a cosine decay to the last step, so each is a run of its own): the same world, seed, batch and
-learning rate.
+reads them at 54-67% where colors and one-object shapes read at 88-100%) after 2,000 steps, which is where
+video -> text and two-object image -> text miss (`python toy.py --eval`'s list of misses: the motion, the shapes). Is
+that the encoder stopping short, or the size of the vector (32 numbers)? This experiment retrains only ImageBind on
+one world, at the recipe's steps and at half as many, and probes each (toy.probe_encoder: ridge regression per
+attribute, fit on fresh draws, scored on the eval's held-out inputs). The variants differ only in the steps (the
+schedule is AdamW with warmup and a cosine decay to the last step, so each is a run of its own): the same world,
+seed, batch and learning rate.
 
-    recipe      toy.ToyConfig.imagebind_steps, 2,000 (what the world's backbones hold)
-    twice       4,000
+    half        2,000
+    recipe      toy.ToyConfig.imagebind_steps, 4,000 (what the world's backbones hold)
 
 Columns: the held-out probe accuracy of the attributes the descriptions miss (video motion, the two-object scene's
 shapes and colors), every attribute of a video and of a two-object scene right at once ("all"), ImageBind's final
@@ -22,8 +22,8 @@ contrastive loss (the mean over its last 10% of steps) and its training seconds.
     python experiments/encoder_steps.py           # one seed, 24 held-out inputs per kind
     python experiments/encoder_steps.py --small   # the wiring: 20 and 40 steps on the CI world (about a minute)
 
-Time at the default size: about 45 minutes on 2 cores (ImageBind at about 0.46 s a step at one thread, the recipe's
-914 s for 2,000 steps: 6,000 steps in all, and 90 s of probing a variant).
+Time at the default size: about 45 minutes on 2 cores (ImageBind at about 0.46 s a step at one thread: 6,000 steps
+in all, and 90 s of probing a variant).
 """
 
 import os
@@ -42,8 +42,8 @@ COLUMNS = [f"{kind} {attribute}" for kind, attribute in PROBED] + ["contrastive 
 def main():
     args = lab.parse(lab.parser(__doc__))
     base = lab.setup(args, NAME, seeds=[0])
-    recipe = 20 if args.small else base.imagebind_steps  # --small: the wiring only
-    steps = {"recipe": recipe, "twice": 2 * recipe}
+    recipe = 40 if args.small else base.imagebind_steps  # --small: the wiring only
+    steps = {"half": recipe // 2, "recipe": recipe}
     files = lab.world_files(base.world)
     rows = {}
     for name, n in steps.items():

@@ -1,17 +1,17 @@
 """
-The decoding side's bottleneck on the toy: is the output projector too small to carry a two-object caption?
+The decoding side's bottleneck on the toy: how wide must the output projector be to carry a two-object caption?
 
-`python toy.py --eval --bypass` on the shipped checkpoint: text -> two-object image is 25% when the image decoder is
-conditioned by the output projector and 79% when, from the same noise, it reads its own text encoder's embedding of
-the same reply caption; the misses are mostly the scene's second (right) object. The projector (the legacy
-TextFcLayer: signal-token hidden states -> a transformer whose decoder reads 77 learned queries -> the decoder's text
-conditioning, nextgpt.OutputProjector) is at toy size 64 wide with one encoder and one decoder layer
-(toy.toy_config: proj_hidden=64, proj_layers=1; the official one is 512 wide with 4 + 4). This experiment trains it at
-that size and at twice the width and depth, on one world, and scores what it drives:
+The output projector (the legacy TextFcLayer: signal-token hidden states -> a transformer whose decoder reads 77
+learned queries -> the decoder's text conditioning, nextgpt.OutputProjector) is at toy size 128 wide with two encoder
+and two decoder layers (toy.toy_config; the official one is 512 wide with 4 + 4). `python toy.py --eval --bypass`
+tells its misses from the decoders': it draws each output a second time, from the same noise, from the decoder's own
+text embedding of the reply's caption. This experiment trains the projector at half that width and depth and at the
+toy's, on one world, and scores what it drives:
 
-    toy          proj_hidden 64, proj_layers 1 (the world's nextgpt.json, through lab.world_variant too)
-    wider        proj_hidden 128, proj_layers 2 (a world whose nextgpt.json says so)
+    narrow       proj_hidden 64, proj_layers 1
+    wider        proj_hidden 128, proj_layers 2 (the toy's)
 
+Each variant's world is a copy of the given one whose nextgpt.json says its two fields (lab.world_variant).
 Each variant runs the three stages: stage 1 as the recipe's (it trains the input projection only, but a checkpoint
 holds every projector, so each variant has its own), stage 2 as the recipe's (4 epochs, the alignment and the latent
 denoising losses) and a stage 3 of 3 epochs (the recipe's 12 would not fit the hour twice;
@@ -35,7 +35,7 @@ import lab
 import toy
 
 NAME = "output_projector"
-VARIANTS = {"toy": dict(proj_hidden=64, proj_layers=1), "wider": dict(proj_hidden=128, proj_layers=2)}
+VARIANTS = {"narrow": dict(proj_hidden=64, proj_layers=1), "wider": dict(proj_hidden=128, proj_layers=2)}
 TASKS = ["text -> image", "text -> two-object image", "text -> video", "text -> video + image"]
 SMALL_STEPS = {1: [], 2: ["--max_steps=8"], 3: ["--max_steps=24"]}  # --small: stage 2's denoising is the slow step
 
