@@ -46,7 +46,9 @@ class Chat:
     def loop(self, lines):
         """Read turns and commands until /quit or the end of input (a terminal gets a prompt, a pipe an echo)."""
         tty = lines.isatty()
-        self.say("NExT-GPT chat: /help lists the commands" if tty else f"chat on {self.args.ckpt or 'tiny random'}")
+        ckpt = self.args.ckpt and (os.path.relpath(self.args.ckpt) if os.path.abspath(self.args.ckpt).startswith(
+            os.getcwd() + os.sep) else self.args.ckpt)  # the transcript says assets/toy, not this machine's path
+        self.say("NExT-GPT chat: /help lists the commands" if tty else f"chat on {ckpt or 'tiny random'}")
         while True:
             try:
                 line = input("you> ") if tty else next(lines)

@@ -1506,8 +1506,9 @@ SHOWCASE = [{"prompt": UNDERSTAND["image"], "images": ["example.png"]},
 
 
 def ship(cfg, step_folder, dest=ASSETS):
-    """The backbones (decoder UNets in fp16: the 20 MB budget; from_pretrained casts them back when given a dtype, as
-    sample.py does) + the stage-3 delta + a manifest (with the toy's generation settings and sample.py's showcase) +
+    """The backbones (decoder UNets in fp16: the 25 MB budget; from_pretrained casts them back when given a dtype, as
+    sample.py does) + the stage-3 delta (its output projectors, 3.7 MB each in fp32, in fp16 too: load_delta casts
+    each tensor to its slot's dtype) + a manifest (with the toy's generation settings and sample.py's showcase) +
     example.png (a held-out image)."""
     src = os.path.join(cfg.out, "backbones")
     shutil.rmtree(dest, ignore_errors=True)
@@ -1515,7 +1516,9 @@ def ship(cfg, step_folder, dest=ASSETS):
     for m in ("image", "video", "audio"):
         path = os.path.join(dest, m, "unet", "diffusion_pytorch_model.safetensors")
         save_file({k: v.half() for k, v in load_file(path).items()}, path)
-    shutil.copy(os.path.join(step_folder, "nextgpt.safetensors"), os.path.join(dest, "nextgpt.safetensors"))
+    delta = load_file(os.path.join(step_folder, "nextgpt.safetensors"))
+    save_file({k: v.half() if k.startswith("output_proj.") else v for k, v in delta.items()},
+              os.path.join(dest, "nextgpt.safetensors"))
     with open(os.path.join(src, nextgpt.MANIFEST)) as f:
         manifest = json.load(f)
     manifest["files"]["delta"] = "nextgpt.safetensors"
