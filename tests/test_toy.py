@@ -120,6 +120,19 @@ def test_shipped_manifest_is_what_ship_writes():
     assert GenerationConfig().override(**manifest["generation"]) == generation
 
 
+def test_shipped_checkpoint_is_the_recipes_within_its_budget():
+    """assets/toy is at most 25 MB: its output projectors ship in fp16 (--ship), and its model config is the one the
+    recipe trains (toy.toy_config)."""
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(toy.ASSETS) for f in fs)
+    assert size <= 25 * 2 ** 20, f"assets/toy is {size / 2 ** 20:.1f} MB"
+    delta = toy.load_file(os.path.join(toy.ASSETS, "nextgpt.safetensors"))
+    assert {str(v.dtype) for k, v in delta.items() if k.startswith("output_proj.")} == {"torch.float16"}
+    with open(os.path.join(toy.ASSETS, "nextgpt.json")) as f:
+        config = json.load(f)["config"]
+    recipe = toy.toy_config(config["llm"]["vocab_size"]).to_dict()
+    assert [config[k] for k in ("proj_hidden", "proj_layers")] == [recipe[k] for k in ("proj_hidden", "proj_layers")]
+
+
 def test_data_files_read_by_train(tmp_path):
     """Every record of every file parses in train.py's read_data, for the stage it is meant for."""
     cfg = toy.ToyConfig.small(out=str(tmp_path), per_image=1, per_video=1, per_audio=1, pair_images=2)
