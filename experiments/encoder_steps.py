@@ -2,15 +2,15 @@
 What the toy's ImageBind keeps in its pooled embedding, against its training steps: the recipe's 4,000 and half that.
 
 The released NExT-GPT reads each input as one vector, ImageBind's pooled embedding, through a linear projection
-(the toy ships that). A description can only say what that vector keeps. On the shipped checkpoint `python toy.py
---probe-encoder` finds the motion of a video and the shapes of a two-object scene only partly in it (a linear probe
-reads them at 54-67% where colors and one-object shapes read at 88-100%) after 2,000 steps, which is where
-video -> text and two-object image -> text miss (`python toy.py --eval`'s list of misses: the motion, the shapes). Is
-that the encoder stopping short, or the size of the vector (32 numbers)? This experiment retrains only ImageBind on
-one world, at the recipe's steps and at half as many, and probes each (toy.probe_encoder: ridge regression per
-attribute, fit on fresh draws, scored on the eval's held-out inputs). The variants differ only in the steps (the
-schedule is AdamW with warmup and a cosine decay to the last step, so each is a run of its own): the same world,
-seed, batch and learning rate.
+(the toy ships that). A description can only say what that vector keeps. On the toy's first edition (ImageBind
+trained 2,000 steps) `python toy.py --probe-encoder` found the motion of a video and the shapes of a two-object scene
+only partly in it (a linear probe read them at 54-67% where colors and one-object shapes read at 88-100%), which is
+where video -> text and two-object image -> text missed (`python toy.py --eval`'s list of misses: the motion, the
+shapes). Is that the encoder stopping short, or the size of the vector (32 numbers)? This experiment retrains only
+ImageBind on one world, at the recipe's steps and at half as many, and probes each (toy.probe_encoder: ridge
+regression per attribute, fit on fresh draws, scored on the eval's held-out inputs). The variants differ only in the
+steps (the schedule is AdamW with warmup and a cosine decay to the last step, so each is a run of its own): the same
+world, seed, batch and learning rate.
 
     half        2,000
     recipe      toy.ToyConfig.imagebind_steps, 4,000 (what the world's backbones hold)
