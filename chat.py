@@ -46,8 +46,9 @@ class Chat:
     def loop(self, lines):
         """Read turns and commands until /quit or the end of input (a terminal gets a prompt, a pipe an echo)."""
         tty = lines.isatty()
-        ckpt = self.args.ckpt and (os.path.relpath(self.args.ckpt) if os.path.abspath(self.args.ckpt).startswith(
-            os.getcwd() + os.sep) else self.args.ckpt)  # the transcript says assets/toy, not this machine's path
+        ckpt = self.args.ckpt and os.path.relpath(self.args.ckpt)
+        if ckpt and ckpt.startswith(".."):  # outside the working folder: as given (inside: assets/toy, not a full path)
+            ckpt = self.args.ckpt
         self.say("NExT-GPT chat: /help lists the commands" if tty else f"chat on {ckpt or 'tiny random'}")
         while True:
             try:
