@@ -73,9 +73,10 @@ class NextGPTConfig:
     signal_tokens: dict = field(default_factory=lambda: {"image": 4, "video": 24, "audio": 8})
     # what each decoder is conditioned on: (tokens, width)
     cond_shape: dict = field(default_factory=lambda: {"image": (77, 768), "video": (77, 1024), "audio": (1, 512)})
-    proj_hidden: int = 512  # the output projectors' transformer width
-    proj_layers: int = 4  # encoder and decoder layers each
-    proj_heads: int = 4
+    # the output projectors' transformer: one size for all three (official), or {modality: value}, one each
+    proj_hidden: int | dict = 512  # width
+    proj_layers: int | dict = 4  # encoder and decoder layers each
+    proj_heads: int | dict = 4
     # concept grouping (GroupViT), the new code's defaults
     group_dim: int = 512
     group_depths: tuple = (6, 3, 3)
@@ -93,6 +94,10 @@ class NextGPTConfig:
     @property
     def vocab_size(self):
         return self.llm.vocab_size + len(self.added_tokens)
+
+    def projector_size(self, m):
+        """(width, layers, heads) of modality m's output projector."""
+        return tuple(v[m] if isinstance(v, dict) else v for v in (self.proj_hidden, self.proj_layers, self.proj_heads))
 
     @property
     def added_tokens(self):
@@ -326,8 +331,7 @@ class NextGPT(nn.Module):
         else:
             raise ValueError(f"input_proj must be 'linear' or 'group', not {c.input_proj!r}")
         self.output_proj = nn.ModuleDict({
-            m: OutputProjector(D, c.cond_shape[m][1], c.cond_shape[m][0], c.proj_hidden, c.proj_layers, c.proj_heads)
-            for m in MODALITIES})
+            m: OutputProjector(D, c.cond_shape[m][1], c.cond_shape[m][0], *c.projector_size(m)) for m in MODALITIES})
         # The frozen backbones sit in a plain dict, outside the module tree: no state-dict entries, no .to() of
         # 10 GB by accident. decoders: {"image": decoders.Decoder, or a function that loads one on first use}.
         self.backbones = {"encoder": encoder, **(decoders or {})}

@@ -46,6 +46,21 @@ def test_output_projector_equals_official_layout():
     assert (got - want).abs().max() <= 1e-5
 
 
+def test_output_projectors_of_their_own_size():
+    """proj_hidden / proj_layers as {modality: value}: each projector is built at its own size, and the config goes
+    through nextgpt.json (to_dict, JSON, from_dict) unchanged; an int is one size for all three, as the official."""
+    config = NextGPTConfig.preset("tiny")
+    config.proj_hidden = {"image": 32, "video": 32, "audio": 16}
+    config.proj_layers = {"image": 2, "video": 2, "audio": 1}
+    again = NextGPTConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and again.projector_size("audio") == (16, 1, 2)
+    model = NextGPT(again)
+    widths = {m: p.fc.out_features for m, p in model.output_proj.items()}
+    layers = {m: len(p.tfm.encoder.layers) for m, p in model.output_proj.items()}
+    assert widths == {"image": 32, "video": 32, "audio": 16} and layers == {"image": 2, "video": 2, "audio": 1}
+    assert NextGPTConfig.preset("tiny").projector_size("audio") == (32, 1, 2)
+
+
 def official_delta_shapes(config):
     """The key set of ChocoWu/nextgpt_7b_tiva_v0/pytorch_model.pt with its shapes, as meta tensors."""
     V, D = config.vocab_size, config.llm.dim
