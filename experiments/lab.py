@@ -153,7 +153,7 @@ def world_variant(base, args, name, **config):
     if unknown:
         raise ValueError(f"world_variant: {sorted(unknown)} are not NextGPTConfig fields")
     manifest["config"].update(config)
-    dst = link_world(base.world, os.path.join(args.out, f"world_{name}"), skip=("nextgpt.json",))
+    dst = link_world(base.world, os.path.join(args.out, f"world_{slug(name)}"), skip=("nextgpt.json",))
     with open(os.path.join(dst, "backbones", "nextgpt.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return replace(base, world=dst)
@@ -162,8 +162,12 @@ def world_variant(base, args, name, **config):
 def variant(base, args, name, seed, **fields):
     """The ToyConfig of one run: its own out folder (OUT/<name as a file name>/sSEED), train.py --seed=seed, fields
     over base."""
-    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-    return replace(base, out=os.path.join(args.out, slug, f"s{seed}"), seed=seed, **fields)
+    return replace(base, out=os.path.join(args.out, slug(name), f"s{seed}"), seed=seed, **fields)
+
+
+def slug(name):
+    """A variant's name as a file name: "group, 8 tokens" -> "group__8_tokens"."""
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
 def add(rows, name, row):

@@ -5,11 +5,12 @@ The output projector (the legacy TextFcLayer: signal-token hidden states -> a tr
 learned queries -> the decoder's text conditioning, nextgpt.OutputProjector) is at toy size 128 wide with two encoder
 and two decoder layers (toy.toy_config; the official one is 512 wide with 4 + 4). `python toy.py --eval --bypass`
 tells its misses from the decoders': it draws each output a second time, from the same noise, from the decoder's own
-text embedding of the reply's caption. This experiment trains the projector at half that width and depth and at the
-toy's, on one world, and scores what it drives:
+text embedding of the reply's caption. This experiment trains the projector at half that width and depth, at the
+toy's, and at the toy's for pictures with the audio one at half, on one world, and scores what it drives:
 
-    narrow       proj_hidden 64, proj_layers 1
-    wider        proj_hidden 128, proj_layers 2 (the toy's)
+    narrow                proj_hidden 64, proj_layers 1
+    wider                 proj_hidden 128, proj_layers 2 (the toy's)
+    wider, audio narrow   the image and video projectors 128 wide with 2 + 2 layers, the audio one 64 with 1 + 1
 
 Each variant's world is a copy of the given one whose nextgpt.json says its two fields (lab.world_variant).
 Each variant runs the three stages: stage 1 as the recipe's (it trains the input projection only, but a checkpoint
@@ -17,13 +18,16 @@ holds every projector, so each variant has its own), stage 2 as the recipe's (4 
 denoising losses) and a stage 3 of 3 epochs (the recipe's 12 would not fit the hour twice;
 experiments/instruction_tuning.py does the same). The variants differ only in those two config fields: the same data,
 seeds, learning rates, batch, steps and held-out prompts. Scored with toy.evaluate on the generation tasks whose
-misses the output projection makes (accuracy, 24 prompts each), and each variant's stage-2 and stage-3 seconds.
+misses the output projection makes (accuracy, 24 prompts each; the audio ones too, where the toy's width lost beeps),
+and each variant's stage-2 and stage-3 seconds.
 
-    python experiments/output_projector.py           # one seed, about 45 minutes on 2 cores
+    python experiments/output_projector.py           # one seed, about 70 minutes on 2 cores
     python experiments/output_projector.py --small   # the wiring: a few steps a stage, one prompt a task
+    python experiments/output_projector.py --variants wider narrow   # some of the variants only
 
-Time at the default size: per variant stage 1 about 225 s, stage 2 about 600 s (its denoising runs the image, video
-and audio UNets), stage 3 about 215 s (1,647 steps at 0.13 s) and about 250 s of eval: about 45 minutes.
+Time at the default size, measured (2026-12-02, 2 cores, AMD EPYC, another run on the other core): per variant
+stage 1 90-140 s, stage 2 about 1,100 s (its denoising runs the image, video and audio UNets), stage 3 90-140 s
+(1,647 steps) and about 65 s of eval: about 23 minutes a variant, 70 for the three.
 """
 
 import json
@@ -35,20 +39,26 @@ import lab
 import toy
 
 NAME = "output_projector"
-VARIANTS = {"narrow": dict(proj_hidden=64, proj_layers=1), "wider": dict(proj_hidden=128, proj_layers=2)}
-TASKS = ["text -> image", "text -> two-object image", "text -> video", "text -> video + image"]
+VARIANTS = {"narrow": dict(proj_hidden=64, proj_layers=1), "wider": dict(proj_hidden=128, proj_layers=2),
+            "wider, audio narrow": dict(proj_hidden={"image": 128, "video": 128, "audio": 64},
+                                        proj_layers={"image": 2, "video": 2, "audio": 1})}
+TASKS = ["text -> image", "text -> two-object image", "text -> video", "text -> video + image", "text -> audio",
+         "image -> audio (rule)"]
 SMALL_STEPS = {1: [], 2: ["--max_steps=8"], 3: ["--max_steps=24"]}  # --small: stage 2's denoising is the slow step
 
 
 def main():
-    args = lab.parse(lab.parser(__doc__))
+    p = lab.parser(__doc__)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="NAME",
+                   help=f"the variants to run, of {list(VARIANTS)} (default: all)")
+    args = lab.parse(p)
     base = lab.setup(args, NAME, seeds=[0])
     e1, e2, _ = base.stage_epochs
     base = replace(base, stage_epochs=(1, 1, 1), eval_n=1) if args.small else replace(base, stage_epochs=(e1, e2, 3))
     caps = SMALL_STEPS if args.small else {1: [], 2: [], 3: []}
     more = {stage: [lab.features(args)] + caps[stage] for stage in caps}  # one features folder for every run
     lab.prepare(base, (1, 2, 3), more)  # before any run is timed
-    worlds = {name: lab.world_variant(base, args, name, **fields) for name, fields in VARIANTS.items()}
+    worlds = {name: lab.world_variant(base, args, name, **VARIANTS[name]) for name in args.variants}
     rows = {}
     for seed in args.seeds:
         for name, world in worlds.items():
