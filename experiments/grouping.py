@@ -18,9 +18,10 @@ prepared once before) and its final caption NLL (the mean over its last 10% of s
     python experiments/grouping.py            # 3 seeds, 8 epochs of stage 1, 24 held-out inputs per column
     python experiments/grouping.py --small    # the wiring: one seed, one epoch, 2 inputs per column (~80 s)
 
-Time at the default size: about 48 minutes on 2 cores, from the recipe's stage-1 step times (0.048 s linear, 0.27 s
-grouped: 8 epochs of 184 steps are 70 s and 400 s a run, 870 s a seed) and about 4 minutes of feature preparation,
-model loads and answers.
+Time at the default size: 21 minutes measured on 2 cores (AMD EPYC, another experiment on the other core): stage 1
+takes 0.03 s a step linear and 0.12 s grouped (8 epochs of 184 steps: 44 s and 180 s a run, about 400 s a seed),
+plus about 2 minutes of feature preparation, model loads and answers. On the slower CPU of the first edition's runs
+it took 70 minutes beside other work.
 """
 
 import os
