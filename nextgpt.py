@@ -97,7 +97,11 @@ class NextGPTConfig:
 
     def projector_size(self, m):
         """(width, layers, heads) of modality m's output projector."""
-        return tuple(v[m] if isinstance(v, dict) else v for v in (self.proj_hidden, self.proj_layers, self.proj_heads))
+        sizes = {"proj_hidden": self.proj_hidden, "proj_layers": self.proj_layers, "proj_heads": self.proj_heads}
+        for name, v in sizes.items():
+            if isinstance(v, dict) and m not in v:
+                raise ValueError(f"{name} {v} has no {m!r}: give one value for all three, or one per modality")
+        return tuple(v[m] if isinstance(v, dict) else v for v in sizes.values())
 
     @property
     def added_tokens(self):

@@ -59,6 +59,9 @@ def test_output_projectors_of_their_own_size():
     layers = {m: len(p.tfm.encoder.layers) for m, p in model.output_proj.items()}
     assert widths == {"image": 32, "video": 32, "audio": 16} and layers == {"image": 2, "video": 2, "audio": 1}
     assert NextGPTConfig.preset("tiny").projector_size("audio") == (32, 1, 2)
+    config.proj_hidden = {"image": 32, "video": 32}
+    with pytest.raises(ValueError, match="proj_hidden .* has no 'audio'"):
+        NextGPT(config)
 
 
 def official_delta_shapes(config):
