@@ -967,13 +967,16 @@ def save_decoder(folder, kind, unet, vae, enc):
 def toy_config(vocab_size):
     """The toy NExT-GPT. Its concept grouping (train.py --input_proj=group) at toy width: the grid's 256 patch
     features (228 for audio) -> 16 groups -> 4 concept tokens (the official: 64 -> 8, width 512, 6 + 3 + 3 blocks).
-    The output projectors are 128 wide with 2 + 2 layers (the official: 512, 4 + 4): half that loses a two-object
-    caption's second object and a video's shape (experiments/output_projector.py)."""
+    The image and video output projectors are 128 wide with 2 + 2 layers (the official: 512, 4 + 4): half that loses a
+    two-object caption's second object and a video's shape. The audio one is 64 wide with 1 + 1: its one 32-number
+    conditioning loses beeps at the pictures' width (experiments/output_projector.py)."""
     return nextgpt.NextGPTConfig(llm=llm_config(vocab_size), imagebind=imagebind_config(),
                                  signal_tokens={"image": 4, "video": 8, "audio": 4},
                                  cond_shape={"image": (77, W_IMAGE), "video": (77, W_IMAGE), "audio": (1, W_AUDIO)},
-                                 proj_hidden=128, proj_layers=2, proj_heads=2, group_dim=64, group_depths=(2, 1, 1),
-                                 group_tokens=(16, 4), group_heads=4, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+                                 proj_hidden={"image": 128, "video": 128, "audio": 64},
+                                 proj_layers={"image": 2, "video": 2, "audio": 1}, proj_heads=2, group_dim=64,
+                                 group_depths=(2, 1, 1), group_tokens=(16, 4), group_heads=4, lora_r=8, lora_alpha=16,
+                                 lora_dropout=0.0)
 
 
 BACKBONE_FILES = {"imagebind": "imagebind.safetensors", "vicuna": "llama", "image": "image", "video": "video",
