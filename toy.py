@@ -321,7 +321,7 @@ class ToyConfig:
     eval_n: int = 24  # held-out prompts per task
     eval_seed: int = 0  # --eval: prompt k starts from the noise of seed eval_seed + k, so no task rests on one draw
     threads: int = 1  # torch threads per process (1: on shared cores more threads slow down when others run)
-    workers: int = 2  # backbones: lanes trained side by side in their own processes (1: one after the other)
+    workers: int = 2  # processes side by side: the backbones' two lanes, --eval's prompts (1: all in this one)
     bar: int = 0  # the tqdm line of the backbones' progress bars (each lane sets its own)
     # the backbones' training steps
     imagebind_steps: int = 4000  # ImageBind's (contrastive over image, video, audio and text): at half as many its
@@ -990,15 +990,17 @@ def write_manifest(folder, config, files, generation):
                                                   "generation": generation.changes()})
 
 
-def build_backbones(cfg, files):
+def build_backbones(cfg, files, stage1=False):
     """Train every stand-in and write the folder train.py --ckpt and NextGPT.from_pretrained read. -> losses.
     The backbones are independent, so two lanes of about equal length run side by side, one process (and one
-    thread) per core: LLaMA, ImageBind and the audio decoder with its vocoder; the picture decoders (image VAE, image
-    and video UNets). Each backbone seeds its own init, so the result does not depend on the lanes."""
+    thread) per core: LLaMA, ImageBind and the audio decoder; the picture decoders (image VAE, image and video
+    UNets) and the vocoder. Each backbone seeds its own init, so the result does not depend on the lanes. With
+    stage1 (the recipe), NExT-GPT's stage 1 runs in the first lane as soon as its LLaMA and ImageBind are there:
+    it aligns the encoding side and reads no decoder."""
     folder = os.path.join(cfg.out, "backbones")
     shutil.rmtree(os.path.join(cfg.out, "features"), ignore_errors=True)  # cached outputs of the old backbones
     t0 = time.time()
-    lanes = (understanding_lane, picture_lane)
+    lanes = (functools.partial(understanding_lane, stage1=stage1), picture_lane)
     if cfg.workers > 1:
         # leaving the with block (also by toy.py's SIGTERM handler, see main) terminates the lanes
         with multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=die_with_parent) as pool:
@@ -1007,11 +1009,15 @@ def build_backbones(cfg, files):
     else:
         logs = [lane(cfg, files, folder) for lane in lanes]
     log = {k: v for lg in logs for k, v in lg.items()}
-    vocab_size = llm.LLaMAConfig.from_hf(os.path.join(folder, "llama", "config.json")).vocab_size  # its tokenizer's
-    write_manifest(folder, toy_config(vocab_size), BACKBONE_FILES, generation_config(cfg))
+    write_backbones_manifest(cfg, folder)
     log["seconds"] = round(time.time() - t0)
     dump(os.path.join(folder, "losses.json"), log)
     return log
+
+
+def write_backbones_manifest(cfg, folder):
+    vocab_size = llm.LLaMAConfig.from_hf(os.path.join(folder, "llama", "config.json")).vocab_size  # its tokenizer's
+    write_manifest(folder, toy_config(vocab_size), BACKBONE_FILES, generation_config(cfg))
 
 
 def die_with_parent():
@@ -1021,22 +1027,22 @@ def die_with_parent():
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
-def understanding_lane(cfg, files, folder):
+def understanding_lane(cfg, files, folder, stage1=False):
     torch.set_num_threads(cfg.threads)  # a lane's process starts with torch's default
     log, t0 = {}, time.time()
     train_llm(cfg, os.path.join(folder, "llama"), log)
     ib = train_imagebind(cfg, files, log)
     save_safetensors(ib, os.path.join(folder, "imagebind.safetensors"))
     del ib
+    if stage1:  # train.py finds the decoders' folders named in the manifest, and stage 1 never opens them
+        write_backbones_manifest(cfg, folder)
+        run_stages(cfg, order=(1,))
     mels = torch.stack([log_mel(torch.from_numpy(read_media("audio", p))) for p, _ in files["audio"]])  # (N, 100, M)
     avae = train_vae(cfg, mels[:, None], cfg.audio_vae_steps, "audio vae", log,
                      salient=lambda x: x > -6)  # silence is log(1e-5) = -11.5
     unet, enc = train_unet(cfg, "audio", *new_unet(cfg, "audio"), latents(avae, mels[:, None]),
                            [c for _, c in files["audio"]], cfg.audio_steps, log)
     save_decoder(os.path.join(folder, "audio"), "audio", unet, avae, enc)
-    waves = torch.stack([torch.from_numpy(read_media("audio", p)) for p, _ in files["audio"]])
-    voc = train_vocoder(cfg, waves, torch.stack([log_mel(w) for w in waves]), log)
-    save_vocoder(os.path.join(folder, "audio"), voc)
     log["understanding lane seconds"] = round(time.time() - t0)
     return log
 
@@ -1048,6 +1054,7 @@ def picture_lane(cfg, files, folder):
     a UNet that has also learned the two-object captions attends to their words (which object goes where), not to the
     tokens after the caption where the video text encoder puts the direction, and a video UNet inflated from it never
     reads the direction (docs/toy-notes.md, experiments/video_decoder.py). Then the image UNet goes on with every scene.
+    Last the audio decoder's vocoder, which reads only the sounds: here it evens the two lanes.
     """
     torch.set_num_threads(cfg.threads)
     log, t0 = {}, time.time()
@@ -1065,6 +1072,9 @@ def picture_lane(cfg, files, folder):
     del video
     unet, enc = train_unet(cfg, "image", unet, enc, z, captions, cfg.unet_steps - cfg.unet_single_steps, log)
     save_decoder(os.path.join(folder, "image"), "image", unet, vae, enc)
+    waves = torch.stack([torch.from_numpy(read_media("audio", p)) for p, _ in files["audio"]])  # (N, samples)
+    voc = train_vocoder(cfg, waves, torch.stack([log_mel(w) for w in waves]), log)
+    save_vocoder(os.path.join(folder, "audio"), voc)
     log["picture lane seconds"] = round(time.time() - t0)
     return log
 
@@ -1267,6 +1277,55 @@ def score_turn(out, captions, outputs):
     return (ok if outputs else reply_ok), reply_ok, part, wrong
 
 
+def eval_model(cfg, ckpt):
+    model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu", keep_decoders=True)
+    if cfg.quantize == "int8":  # as sample.py --quantize int8 does: LoRA folded in, then the LLM's weights in int8
+        llm.merge_lora(model.llm)
+        llm.quantize_int8(model.llm)
+    return model
+
+
+def run_prompt(model, cfg, case, folder):
+    """One of evaluate's prompts, case = (k, task, dialogue), through the model; its input media are written to folder
+    -> (k, task, [(right, reply exact, share of parts right or None, what was wrong, right from the caption or None,
+    what was wrong from it) per turn]). It starts from the noise of seed cfg.eval_seed + k, and nothing passes from
+    one prompt to the next: which process runs it, and after which others, changes no score."""
+    k, task, dialogue = case
+    history, turns = [], []
+    for j, (prompt, inp, captions, outputs) in enumerate(dialogue):
+        inputs = {}
+        if inp:
+            path = os.path.join(folder, f"{k}_{j}.{EXT[inp[0]]}")
+            SAVE[inp[0]](path, inp[1])
+            inputs = {inp[0] + "s": [path]}
+        out = model.generate(prompt, **inputs, history=history, config=generation_config(cfg),
+                             seed=cfg.eval_seed + k, progress=False, caption_bypass=cfg.bypass and bool(outputs))
+        history.append((prompt, out["reply"], out["media"]))
+        alone = (None, None)
+        if outputs and cfg.bypass:
+            alone = tuple(score_turn({**out, **out["bypass"]}, captions, outputs)[i] for i in (0, 3))
+        turns.append((*score_turn(out, captions, outputs), *alone))
+    return k, task, turns
+
+
+_worker = {}  # an eval worker's process: its model, config and folder (eval_worker_start)
+
+
+def eval_worker_start(cfg, ckpt, folder):
+    die_with_parent()
+    torch.set_num_threads(cfg.threads)  # a worker's process starts with torch's default
+    try:
+        _worker.update(model=eval_model(cfg, ckpt), cfg=cfg, folder=folder)
+    except Exception as e:  # raised with the first prompt: a Pool would start a failing initializer forever
+        _worker["error"] = e
+
+
+def eval_worker_prompt(case):
+    if "error" in _worker:
+        raise _worker["error"]
+    return run_prompt(_worker["model"], _worker["cfg"], case, _worker["folder"])
+
+
 def evaluate(cfg, ckpt, tasks=TASKS):
     """Accuracy per task of tasks (default: all): understanding by exact match of the reply, generation by
     measuring the output media (an output the model did not produce counts as wrong: no `want` forcing); a
@@ -1280,11 +1339,16 @@ def evaluate(cfg, ckpt, tasks=TASKS):
     if unknown:
         raise ValueError(f"toy.evaluate: no task {unknown[0]!r}; the tasks are toy.TASKS: {', '.join(TASKS)}")
     t0 = time.time()
-    model = nextgpt.NextGPT.from_pretrained(ckpt, dtype=torch.float32, device="cpu", keep_decoders=True)
-    if cfg.quantize == "int8":  # as sample.py --quantize int8 does: LoRA folded in, then the LLM's weights in int8
-        llm.merge_lora(model.llm)
-        llm.quantize_int8(model.llm)
-    generation = generation_config(cfg)
+    # k stays the prompt's place among all tasks': its noise does not depend on the others
+    cases = [(k, task, dialogue) for k, (task, dialogue) in enumerate(eval_cases(cfg)) if task in tasks]
+    bar = functools.partial(tqdm, total=len(cases), desc="eval", mininterval=2)
+    with tempfile.TemporaryDirectory() as d:
+        if cfg.workers > 1:  # the prompts dealt out one at a time to processes of one thread each, as the lanes
+            with multiprocessing.get_context("spawn").Pool(cfg.workers, eval_worker_start, (cfg, ckpt, d)) as pool:
+                rows = sorted(bar(pool.imap_unordered(eval_worker_prompt, cases)))  # in the prompts' order
+        else:
+            model = eval_model(cfg, ckpt)
+            rows = [run_prompt(model, cfg, case, d) for case in bar(cases)]
     score = {t: [0, 0, 0] for t in tasks}  # right / reply exact / count
     alone = {}  # task with outputs -> how many are right with every output decoded from its caption (cfg.bypass)
     misses = {t: Counter() for t in tasks}  # task -> {what was wrong (score_turn's names, turn k in dialogues): n}
@@ -1292,39 +1356,24 @@ def evaluate(cfg, ckpt, tasks=TASKS):
     turn_score = {t: [] for t in tasks}  # per turn of the dialogues: [right, ...] per dialogue
     parts = {}  # per prompt: the share of a two-object scene's objects right (color, shape and side), or of a
     # reply's output captions
-    with tempfile.TemporaryDirectory() as d:
-        for k, (task, dialogue) in enumerate(tqdm(eval_cases(cfg), desc="eval", mininterval=2)):
-            if task not in score:
-                continue  # k stays the prompt's place among all tasks': its noise does not depend on the others
-            history, all_ok, all_reply, per_turn, all_alone = [], True, True, [], True
-            for j, (prompt, inp, captions, outputs) in enumerate(dialogue):
-                inputs = {}
-                if inp:
-                    path = os.path.join(d, f"{k}_{j}.{EXT[inp[0]]}")
-                    SAVE[inp[0]](path, inp[1])
-                    inputs = {inp[0] + "s": [path]}
-                out = model.generate(prompt, **inputs, history=history, config=generation, seed=cfg.eval_seed + k,
-                                     progress=False, caption_bypass=cfg.bypass and bool(outputs))
-                history.append((prompt, out["reply"], out["media"]))
-                ok, reply_ok, right, wrong = score_turn(out, captions, outputs)
-                turn = f"turn {j + 1} " if len(dialogue) > 1 else ""
-                misses[task].update(turn + w for w in wrong)
-                if outputs and cfg.bypass:  # the same turn scored on the outputs decoded from their captions
-                    ok_alone, _, _, wrong = score_turn({**out, **out["bypass"]}, captions, outputs)
-                    all_alone = all_alone and ok_alone
-                    alone_misses.setdefault(task, Counter()).update(turn + w for w in wrong if w != "reply caption")
-                else:
-                    all_alone = all_alone and ok
-                if right is not None:
-                    parts.setdefault(task, []).append(right)
-                all_ok, all_reply = all_ok and ok, all_reply and reply_ok
-                per_turn.append(ok)
-            score[task][0] += all_ok
-            score[task][1] += all_reply
-            score[task][2] += 1
-            turn_score[task].append(per_turn)
-            if cfg.bypass and any(outputs for *_, outputs in dialogue):
-                alone[task] = alone.get(task, 0) + all_alone
+    for _, task, turns in rows:
+        all_ok, all_reply, all_alone = True, True, True
+        for j, (ok, reply_ok, right, wrong, ok_alone, wrong_alone) in enumerate(turns):
+            turn = f"turn {j + 1} " if len(turns) > 1 else ""
+            misses[task].update(turn + w for w in wrong)
+            if ok_alone is not None:  # the same turn scored on the outputs decoded from their captions
+                alone_misses.setdefault(task, Counter()).update(turn + w for w in wrong_alone
+                                                                if w != "reply caption")
+            all_alone = all_alone and (ok if ok_alone is None else ok_alone)
+            if right is not None:
+                parts.setdefault(task, []).append(right)
+            all_ok, all_reply = all_ok and ok, all_reply and reply_ok
+        score[task][0] += all_ok
+        score[task][1] += all_reply
+        score[task][2] += 1
+        turn_score[task].append([ok for ok, *_ in turns])
+        if any(ok_alone is not None for *_, ok_alone, _ in turns):
+            alone[task] = alone.get(task, 0) + all_alone
     acc = {t: s[0] / s[2] for t, s in score.items()}
     turns = {t: [sum(r[j] for r in rows) / len(rows) for j in range(len(rows[0]))]
              for t, rows in turn_score.items() if rows and len(rows[0]) > 1}
@@ -1557,7 +1606,8 @@ def parse(argv):
     p = cli.parser("toy.py", __doc__)
     a = p.add_argument_group("actions (none: the world and the stand-in backbones -> OUT/data, OUT/backbones)")
     a.add_argument("--recipe", action="store_const", const=None, default=argparse.SUPPRESS,
-                   help="the world and the backbones, --stages, then --eval of the stage-3 checkpoint")
+                   help="the world and the backbones (stage 1 among them, once its LLaMA and ImageBind are "
+                        "there), --stages 2 and 3, then --eval of the stage-3 checkpoint")
     a.add_argument("--stages", action="store_const", const=None, default=argparse.SUPPRESS,
                    help="train.py --prepare, then train.py's stages 1, 2, 3 on OUT's world and backbones "
                         "(from --first-stage)")
@@ -1593,6 +1643,15 @@ def parse(argv):
 def main(argv):
     cfg, actions = parse(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("toy.py: terminated"))  # exits through the with blocks
+    try:
+        run(cfg, actions)
+    except (OSError, ValueError) as e:  # a missing or damaged checkpoint (--eval CKPT, --ship CKPT): say which
+        if os.environ.get("NEXTGPT_DEBUG"):
+            raise
+        sys.exit(f"toy.py: {e}")
+
+
+def run(cfg, actions):
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     recipe = "recipe" in actions
@@ -1600,9 +1659,9 @@ def main(argv):
     if not actions or recipe:
         files = write_world(cfg)
         print(f"world written to {cfg.out}/data in {time.time() - t0:.0f} s", flush=True)
-        print(json.dumps(build_backbones(cfg, files)), flush=True)
+        print(json.dumps(build_backbones(cfg, files, stage1=recipe)), flush=True)
     if "stages" in actions or recipe:
-        print(json.dumps(run_stages(cfg)), flush=True)
+        print(json.dumps(run_stages(replace(cfg, first_stage=2) if recipe else cfg)), flush=True)
     if "eval" in actions or recipe:
         evaluate(cfg, actions.get("eval") or (latest(cfg, 3) if recipe else ASSETS))
     if recipe:

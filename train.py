@@ -451,8 +451,10 @@ def build_model(cfg):
     if cfg.tiny_random:
         model = nextgpt.tiny_random(seed=cfg.seed)
     else:
-        # the decoders stay: every step needs their text encoders (caption targets) or UNets (latent denoising)
-        model = NextGPT.from_pretrained(cfg.ckpt, device=cfg.device, keep_decoders=True)
+        # the decoders stay: every step needs their text encoders (caption targets) or UNets (latent denoising);
+        # stage 1 aligns the encoding side and reads none (toy.py's recipe runs it before they are trained)
+        model = NextGPT.from_pretrained(cfg.ckpt, device=cfg.device, keep_decoders=True,
+                                        decoders=() if cfg.stage == 1 else MODALITIES)
     delta = weights.load_file(cfg.delta) if cfg.delta else {}
     # the projection: --input_proj, else the delta's (a stage-1 delta of the grouping over backbones whose manifest
     # says linear), else the checkpoint's

@@ -189,6 +189,26 @@ def test_small_recipe_end_to_end(small_recipe):
         assert json.load(f)["generation"] == toy.generation_config(toy.ToyConfig.small()).changes()
 
 
+def test_eval_in_two_processes_scores_as_one(small_recipe, tmp_path):
+    """--eval deals its prompts out to two processes: every score, miss and part is the one-process run's, in
+    the dialogues, the outputs decoded from the caption (bypass) and the two-object scenes too."""
+    import torch
+    tasks = ("video -> text", "text -> two-object image", "text -> image + audio (rule)", "dialogue: audio, image")
+    stage3 = toy.latest(toy.ToyConfig.small(out=small_recipe), 3)
+    results = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker runs: the kernels round alike
+    try:
+        for workers in (1, 2):
+            cfg = toy.ToyConfig.small(out=str(tmp_path / str(workers)), eval_n=4, bypass=True, workers=workers)
+            toy.evaluate(cfg, stage3, tasks=tasks)
+            results.append(json.load(open(os.path.join(cfg.out, "eval.json"))))
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0] == results[1]
+    assert set(results[0]["accuracy"]) == set(tasks) and results[0]["turns"] and results[0]["bypass"]
+
+
 def test_probe_encoder_on_the_small_world(small_recipe, tmp_path):
     """--probe-encoder on the CI-size world's ImageBind: every attribute of every kind probed and scored in [0, 1].
     Even 100 steps of contrastive training put the color in the pooled embedding (measured: 100% for one-object
@@ -211,7 +231,7 @@ def test_eval_draws_a_noise_per_prompt(tmp_path, monkeypatch):
             histories.append(list(history))
             return {"text": "", "reply": prompt[::-1], "media": [], "runs": [], "image": [], "video": [], "audio": []}
     monkeypatch.setattr(nextgpt.NextGPT, "from_pretrained", classmethod(lambda cls, *a, **kw: Fake()))
-    cfg = toy.ToyConfig.small(out=str(tmp_path), eval_n=2, eval_seed=100)
+    cfg = toy.ToyConfig.small(out=str(tmp_path), eval_n=2, eval_seed=100, workers=1)  # the fake is this process's
     acc = toy.evaluate(cfg, "unused")
     turns = [len(dialogue) for _, dialogue in toy.eval_cases(cfg)]
     assert seeds == [100 + k for k, n in enumerate(turns) for _ in range(n)]  # a dialogue's turns share their noise
@@ -337,7 +357,7 @@ def test_eval_bypass_scores_the_decoders_from_the_caption(tmp_path, monkeypatch)
                     "image": [torch.zeros(3, toy.SIZE, toy.SIZE)], "video": [], "audio": [],
                     "bypass": {"image": [drawn.movedim(-1, 0) / 255.0], "video": [], "audio": []}}
     monkeypatch.setattr(nextgpt.NextGPT, "from_pretrained", classmethod(lambda cls, *a, **kw: Fake()))
-    cfg = toy.ToyConfig.small(out=str(tmp_path), eval_n=2, bypass=True)
+    cfg = toy.ToyConfig.small(out=str(tmp_path), eval_n=2, bypass=True, workers=1)
     acc = toy.evaluate(cfg, "unused", tasks=("image -> text", "text -> image"))
     result = json.load(open(tmp_path / "eval.json"))
     assert acc["text -> image"] == 0.0 and result["bypass"] == {"text -> image": 1.0}, (acc, result)
