@@ -1006,6 +1006,8 @@ def build_backbones(cfg, files, stage1=False):
         with multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=die_with_parent) as pool:
             jobs = [pool.apply_async(lane, (replace(cfg, bar=k), files, folder)) for k, lane in enumerate(lanes)]
             logs = [job.get() for job in jobs]
+            pool.close()  # let the lanes exit on their own: a terminated one leaves its semaphores to a warning
+            pool.join()
     else:
         logs = [lane(cfg, files, folder) for lane in lanes]
     log = {k: v for lg in logs for k, v in lg.items()}
@@ -1346,6 +1348,8 @@ def evaluate(cfg, ckpt, tasks=TASKS):
         if cfg.workers > 1:  # the prompts dealt out one at a time to processes of one thread each, as the lanes
             with multiprocessing.get_context("spawn").Pool(cfg.workers, eval_worker_start, (cfg, ckpt, d)) as pool:
                 rows = sorted(bar(pool.imap_unordered(eval_worker_prompt, cases)))  # in the prompts' order
+                pool.close()  # as the lanes: the workers exit on their own, with no leaked-semaphore warning
+                pool.join()
         else:
             model = eval_model(cfg, ckpt)
             rows = [run_prompt(model, cfg, case, d) for case in bar(cases)]
