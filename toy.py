@@ -9,6 +9,7 @@ A tiny synthetic any-to-any world in which the whole of NExT-GPT trains on a lap
     python toy.py --stages            # train.py --prepare, then stages 1, 2, 3 on them (--first_stage=2: resume)
     python toy.py --recipe            # both, then --eval of the stage-3 checkpoint
     python toy.py --ship [CKPT]       # the stage-3 checkpoint + backbones -> assets/toy (what `python sample.py` loads)
+    python toy.py --unpack --stages   # the stages alone, on assets/toy's backbones (no backbone trained)
     python toy.py --eval [CKPT]       # accuracy table per task (default CKPT: assets/toy)
     python toy.py --pictures [CKPT]   # the README's pictures -> assets/toy_text_to_*
     python toy.py --probe-video [CKPT]  # does the video decoder read the caption's direction?
@@ -1588,6 +1589,26 @@ def ship(cfg, step_folder, dest=ASSETS):
     return size
 
 
+def unpack(cfg, src=ASSETS):
+    """The reverse of ship: src's backbones (its UNets cast back to float32, as the recipe writes them) beside the
+    world's data files -> cfg.out, what --stages trains on, in seconds instead of the backbones' half hour. The
+    manifest is toy_config's, so the stages train the projectors the code says, not the ones src was shipped with.
+    The recipe's stage 2 reads its UNets before the fp16 cast, so stages run here round otherwise than the recipe's
+    (and any CPU but the one that trained the stages rounds otherwise too: README rung 5)."""
+    if not os.path.isfile(os.path.join(src, nextgpt.MANIFEST)):
+        raise ValueError(f"{src} holds no {nextgpt.MANIFEST}: --unpack takes a folder that --ship wrote")
+    write_world(cfg)
+    folder = os.path.join(cfg.out, "backbones")
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(os.path.join(cfg.out, "features"), ignore_errors=True)  # cached outputs of other backbones
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns(nextgpt.MANIFEST, "nextgpt.safetensors", "*.png"))
+    for m in ("image", "video", "audio"):
+        path = os.path.join(folder, m, "unet", "diffusion_pytorch_model.safetensors")
+        save_file({k: v.float() for k, v in load_file(path).items()}, path)
+    write_backbones_manifest(cfg, folder)
+    print(f"unpacked {src} into {cfg.out}/backbones, the world into {cfg.out}/data")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -1597,6 +1618,9 @@ CKPT_ACTIONS = {  # the actions that take an optional CKPT: their --help
     "ship": "CKPT (default: OUT's latest stage-3 checkpoint) + the backbones -> assets/toy, what python sample.py "
             "loads",
     "pictures": "the README's pictures from CKPT (default: assets/toy) -> assets/toy_text_to_*",
+    "unpack": "CKPT's backbones (default: assets/toy; UNets back to float32) and the world's data files -> OUT: "
+              "what --stages trains on, without training a backbone (--unpack --stages: the stages alone, about 30 "
+              "minutes)",
     "probe_video": "does the video decoder of CKPT (default: assets/toy) read the caption's direction? Its denoising "
                    "loss with the true, the opposite and no caption",
     "probe_encoder": "what ImageBind's pooled embedding in CKPT (default: assets/toy) keeps of each attribute: a "
@@ -1664,6 +1688,8 @@ def run(cfg, actions):
         files = write_world(cfg)
         print(f"world written to {cfg.out}/data in {time.time() - t0:.0f} s", flush=True)
         print(json.dumps(build_backbones(cfg, files, stage1=recipe)), flush=True)
+    if "unpack" in actions:
+        unpack(cfg, actions["unpack"] or ASSETS)
     if "stages" in actions or recipe:
         print(json.dumps(run_stages(replace(cfg, first_stage=2) if recipe else cfg)), flush=True)
     if "eval" in actions or recipe:

@@ -133,6 +133,28 @@ def test_shipped_checkpoint_is_the_recipes_within_its_budget():
     assert [config[k] for k in ("proj_hidden", "proj_layers")] == [recipe[k] for k in ("proj_hidden", "proj_layers")]
 
 
+def test_unpack_gives_the_stages_the_shipped_backbones(tmp_path):
+    """--unpack: assets/toy's backbones (their UNets back in float32, the bytes of the fp16 ones), the world's data
+    files and the manifest of toy_config, without the shipped stage-3 delta; a folder --ship did not write is a
+    one-line error."""
+    cfg = toy.ToyConfig.small(out=str(tmp_path / "toy"), per_image=1, per_video=1, per_audio=1, pair_images=2)
+    toy.unpack(cfg)
+    folder = tmp_path / "toy" / "backbones"
+    assert not (folder / "nextgpt.safetensors").exists() and (tmp_path / "toy" / "data" / "instruct.json").exists()
+    for m in ("image", "video", "audio"):
+        name = os.path.join(m, "unet", "diffusion_pytorch_model.safetensors")
+        ours, shipped = toy.load_file(str(folder / name)), toy.load_file(os.path.join(toy.ASSETS, name))
+        assert ours.keys() == shipped.keys()
+        assert all(ours[k].dtype == torch.float32 and torch.equal(ours[k].half(), shipped[k]) for k in ours)
+    with open(folder / "nextgpt.json") as f:
+        manifest = json.load(f)
+    assert "delta" not in manifest["files"]
+    recipe = toy.toy_config(manifest["config"]["llm"]["vocab_size"]).to_dict()
+    assert manifest["config"] == json.loads(json.dumps(recipe))  # its tuples as JSON lists
+    with pytest.raises(ValueError, match="--ship"):
+        toy.unpack(cfg, src=str(tmp_path))
+
+
 def test_data_files_read_by_train(tmp_path):
     """Every record of every file parses in train.py's read_data, for the stage it is meant for."""
     cfg = toy.ToyConfig.small(out=str(tmp_path), per_image=1, per_video=1, per_audio=1, pair_images=2)
