@@ -155,6 +155,24 @@ def test_unpack_gives_the_stages_the_shipped_backbones(tmp_path):
         toy.unpack(cfg, src=str(tmp_path))
 
 
+def test_imagebind_alone_replaces_only_imagebind(tmp_path):
+    """--imagebind after --unpack: a new imagebind.safetensors (the features cached from the old one gone), every
+    other backbone file as unpacked; without backbones it is a one-line error naming --unpack."""
+    cfg = toy.ToyConfig.small(out=str(tmp_path / "toy"), per_image=1, per_video=1, per_audio=1, pair_images=2,
+                              imagebind_steps=2)
+    with pytest.raises(ValueError, match="--unpack"):
+        toy.retrain_imagebind(cfg)
+    toy.unpack(cfg)
+    folder = tmp_path / "toy" / "backbones"
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    (tmp_path / "toy" / "features").mkdir()
+    toy.retrain_imagebind(cfg)
+    after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    changed = [p.name for p in before if before[p] != after[p]]
+    assert changed == ["imagebind.safetensors"] and after.keys() == before.keys()
+    assert not (tmp_path / "toy" / "features").exists()
+
+
 def test_data_files_read_by_train(tmp_path):
     """Every record of every file parses in train.py's read_data, for the stage it is meant for."""
     cfg = toy.ToyConfig.small(out=str(tmp_path), per_image=1, per_video=1, per_audio=1, pair_images=2)
