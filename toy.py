@@ -975,14 +975,15 @@ def save_decoder(folder, kind, unet, vae, enc):
 def toy_config(vocab_size):
     """The toy NExT-GPT. Its concept grouping (train.py --input_proj=group) at toy width: the grid's 256 patch
     features (228 for audio) -> 16 groups -> 4 concept tokens (the official: 64 -> 8, width 512, 6 + 3 + 3 blocks).
-    The image and video output projectors are 128 wide with 2 + 2 layers (the official: 512, 4 + 4): half that loses a
-    two-object caption's second object and a video's shape. The audio one is 64 wide with 1 + 1: its one 32-number
-    conditioning loses beeps at the pictures' width (experiments/output_projector.py)."""
+    The image and video output projectors are 128 wide with 4 + 4 layers (the official: 512, 4 + 4): at 2 + 2 they
+    lose a two-object caption's second object more often, at 64 with 1 + 1 also a video's shape. The audio one is 64
+    wide with 1 + 1: its one 32-number conditioning loses beeps at the pictures' width
+    (experiments/output_projector.py)."""
     return nextgpt.NextGPTConfig(llm=llm_config(vocab_size), imagebind=imagebind_config(),
                                  signal_tokens={"image": 4, "video": 8, "audio": 4},
                                  cond_shape={"image": (77, W_IMAGE), "video": (77, W_IMAGE), "audio": (1, W_AUDIO)},
                                  proj_hidden={"image": 128, "video": 128, "audio": 64},
-                                 proj_layers={"image": 2, "video": 2, "audio": 1}, proj_heads=2, group_dim=64,
+                                 proj_layers={"image": 4, "video": 4, "audio": 1}, proj_heads=2, group_dim=64,
                                  group_depths=(2, 1, 1), group_tokens=(16, 4), group_heads=4, lora_r=8, lora_alpha=16,
                                  lora_dropout=0.0)
 
@@ -1639,8 +1640,8 @@ CKPT_ACTIONS = {  # the actions that take an optional CKPT: their --help
             "loads",
     "pictures": "the README's pictures from CKPT (default: assets/toy) -> assets/toy_text_to_*",
     "unpack": "CKPT's backbones (default: assets/toy; UNets back to float32) and the world's data files -> OUT: "
-              "what --stages trains on, without training a backbone (--unpack --stages: the stages alone, about 30 "
-              "minutes)",
+              "what --stages trains on, without training a backbone (--unpack --stages: the stages alone, 55-62 "
+              "minutes here beside another run)",
     "probe_video": "does the video decoder of CKPT (default: assets/toy) read the caption's direction? Its denoising "
                    "loss with the true, the opposite and no caption",
     "probe_encoder": "what ImageBind's pooled embedding in CKPT (default: assets/toy) keeps of each attribute: a "

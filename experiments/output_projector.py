@@ -2,19 +2,18 @@
 The decoding side's bottleneck on the toy: how wide must the output projector be to carry a two-object caption?
 
 The output projector (the legacy TextFcLayer: signal-token hidden states -> a transformer whose decoder reads 77
-learned queries -> the decoder's text conditioning, nextgpt.OutputProjector) is at toy size 128 wide with two encoder
-and two decoder layers for images and videos, 64 wide with one and one for sounds (toy.toy_config; the official one
+learned queries -> the decoder's text conditioning, nextgpt.OutputProjector) is at toy size 128 wide with four encoder
+and four decoder layers for images and videos, 64 wide with one and one for sounds (toy.toy_config; the official one
 is 512 wide with 4 + 4). `python toy.py --eval --bypass` tells its misses from the decoders': it draws each output a
 second time, from the same noise, from the decoder's own text embedding of the reply's caption. This experiment
-trains the projectors at half the pictures' width and depth, at theirs, at theirs with the audio one at half (the
-toy's), and with the picture ones at the official depth, on one world, and scores what they drive:
+trains the projectors at 64 wide with 1 + 1 layers, at 128 with 2 + 2, at that with the audio one at 64 and 1 + 1,
+and with the picture ones at the official depth (the toy's), on one world, and scores what they drive:
 
     narrow                proj_hidden 64, proj_layers 1
     wider                 proj_hidden 128, proj_layers 2
     wider, audio narrow   the image and video projectors 128 wide with 2 + 2 layers, the audio one 64 with 1 + 1
-                          (the toy's)
     deeper, audio narrow  the image and video projectors 128 wide with 4 + 4 layers (the official depth), the
-                          audio one 64 with 1 + 1: what still fits the shipped checkpoint's 25 MB in fp16
+                          audio one 64 with 1 + 1 (the toy's): what still fits the shipped checkpoint's 25 MB in fp16
 
 Each variant's world is a copy of the given one whose nextgpt.json says its two fields (lab.world_variant).
 Each variant runs the three stages: stage 1 as the recipe's (it trains the input projection only, but a checkpoint
