@@ -75,7 +75,9 @@ def test_forward_matches_official(tiny):
         }
     for key, y in ours.items():
         assert y.shape == ref[key].shape, key
-        assert (y - ref[key]).abs().max() <= 1e-5, key
+        # 1e-5 plus a few float32 ulps of the value: the text outputs are x exp(logit scale), up to about 30, and
+        # another CPU's kernels round them 1.05e-5 away from the fixture's machine
+        assert ((y - ref[key]).abs() <= 1e-5 + 1e-6 * ref[key].abs()).all(), key
     assert ours["patch.vision.image"].shape == (2, 256, 16) and ours["patch.audio"].shape == (2, 228, 16)
     assert torch.allclose(ours["embed.audio"] * 20, ours["forward.audio"], atol=1e-5)
 
