@@ -607,7 +607,8 @@ def train_imagebind(cfg, files, log):
     labels["image"] = torch.cat([labels["image"], torch.tensor([caps["image"].index(c) for c in first])])
     # A two-object scene is also scored against the scenes of its two colors with other shapes: random candidates
     # rarely differ from it in the shapes alone, and without these the embedding keeps a scene's colors and half
-    # loses its shapes (a linear probe of it, toy.py --probe-encoder: left shape 62%, right 50%; with them 75%, 79%)
+    # loses its shapes (toy.py --probe-encoder, one training each on one CPU: the left and right shapes 67% and 46%
+    # without them, 75% and 79% with them; docs/toy-notes.md)
     colors = [(p["left"][0], p["right"][0]) if "left" in p else None for p in map(parse_caption, caps["image"])]
     same_colors = [torch.tensor([j for j, d in enumerate(colors) if k and d == k and j != i], dtype=torch.long)
                    for i, k in enumerate(colors)]  # [] for a one-object caption
